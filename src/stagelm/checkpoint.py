@@ -1,0 +1,110 @@
+"""Reading and writing stagelm checkpoints.
+
+A checkpoint is a Lightning `.ckpt` file (so `ckpt_path=` resumes a run exactly) with one extra entry,
+`checkpoint["stagelm"]`, holding what any command needs without the training config: the model config, the
+tokenizer and the stage that wrote it. Backbone weights live in `state_dict` under the prefix `model.`;
+stage-specific heads (reward or value heads) under their own prefixes. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagelm.model import ModelConfig, Transformer
+from stagelm.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    stage: str
+    state_dict: dict[str, torch.Tensor]  # the whole state dict, heads included
+    extra: dict[str, Any] = field(default_factory=dict)  # whatever the stage put in checkpoint["stagelm"]
+
+
+def stagelm_metadata(model_config: ModelConfig, tokenizer: Tokenizer, stage: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_config": model_config.to_dict(),
+        "tokenizer": tokenizer.to_dict(),
+        "stage": stage,
+        **extra,
+    }
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict) or "stagelm" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a stagelm checkpoint (no 'stagelm' metadata)")
+    return ckpt
+
+
+def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def load_weights_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with an error that lists expected vs found shapes and names, not a wall of text."""
+    expected = module.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
+    for name in sorted(set(expected) & set(state)):
+        if expected[name].shape != state[name].shape:
+            problems.append(f"{name}: expected {tuple(expected[name].shape)}, found {tuple(state[name].shape)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit the model: " + "; ".join(problems[:6]))
+    module.load_state_dict(state)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedCheckpoint:
+    """Rebuild the backbone and tokenizer from a checkpoint alone, weights loaded, in eval mode."""
+    ckpt = read_checkpoint(path, map_location)
+    meta = dict(ckpt["stagelm"])
+    config = ModelConfig.from_dict(meta.pop("model_config"))
+    tokenizer = Tokenizer.from_dict(meta.pop("tokenizer"))
+    stage = meta.pop("stage", "unknown")
+    model = Transformer(config)
+    load_weights_strict(model, submodule_state(ckpt["state_dict"], "model."), str(path))
+    model.eval()
+    return LoadedCheckpoint(model, tokenizer, config, stage, ckpt["state_dict"], meta)

@@ -1,0 +1,1 @@
+"""Data: the built-in small world and one LightningDataModule per data type."""

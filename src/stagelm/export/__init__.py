@@ -1,0 +1,1 @@
+"""Export of stagelm checkpoints to other formats."""

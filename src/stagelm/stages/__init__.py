@@ -1,0 +1,1 @@
+"""Training stages: one LightningModule each, all over the same backbone."""
