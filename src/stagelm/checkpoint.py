@@ -16,14 +16,11 @@ from typing import Any
 
 import torch
 
+from stagelm.errors import CheckpointError
 from stagelm.model import ModelConfig, Transformer
 from stagelm.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not fit the model it is loaded into."""
 
 
 @dataclass

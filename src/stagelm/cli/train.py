@@ -1,0 +1,118 @@
+"""`stagelm-train`: the one Hydra entry point that runs any stage.
+
+It builds, in order: the data module, the tokenizer (trained on the data, or taken from `init_from`), the model
+config, the stage's LightningModule, loggers, callbacks and the Trainer; then fits. Errors a user can fix
+(bad data, bad config value, a checkpoint that does not fit) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from stagelm.checkpoint import load_checkpoint, read_checkpoint
+from stagelm.config import register_resolvers
+from stagelm.errors import ConfigError, StagelmError
+from stagelm.model import ModelConfig
+from stagelm.tokenizer import Tokenizer, train_tokenizer
+from stagelm.training import AtomicCheckpointIO
+
+log = logging.getLogger("stagelm")
+register_resolvers()
+
+
+def build_tokenizer(cfg: DictConfig, datamodule: Any) -> Tokenizer:
+    kind = cfg.tokenizer.kind
+    vocab_size = cfg.tokenizer.get("vocab_size") or 2048
+    return train_tokenizer(kind, datamodule.documents(), vocab_size, cfg.tokenizer.get("include_ascii", True))
+
+
+def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    values["vocab_size"] = vocab_size
+    try:
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def instantiate_dict(group: DictConfig | None) -> list[Any]:
+    """Loggers and callbacks are dicts of `_target_` configs (lightning-hydra-template style)."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one stage as configured; return the final logged metrics."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    datamodule = instantiate(cfg.data)
+
+    if cfg.get("init_from"):
+        loaded = load_checkpoint(cfg.init_from)
+        tokenizer, model_config = loaded.tokenizer, loaded.model_config
+        log.info("starting from %s (stage %s)", cfg.init_from, loaded.stage)
+    else:
+        tokenizer = build_tokenizer(cfg, datamodule)
+        model_config = build_model_config(cfg, tokenizer.vocab_size)
+    if hasattr(datamodule, "set_tokenizer"):
+        datamodule.set_tokenizer(tokenizer)
+    if cfg.get("ckpt_path"):
+        resumed = read_checkpoint(cfg.ckpt_path)
+        if hasattr(datamodule, "start_sample"):
+            datamodule.start_sample = resumed.get("global_step", 0) * datamodule.batch_size
+
+    # partial first: passing objects through instantiate would turn them into OmegaConf nodes
+    stage_factory = instantiate(cfg.stage, _partial_=True)
+    module = stage_factory(model_config=model_config, tokenizer=tokenizer, init_from=cfg.get("init_from"))
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    loggers = instantiate_dict(cfg.get("logger"))
+    for logger in loggers:
+        if hasattr(logger, "log_hyperparams"):
+            logger.log_hyperparams(module.run_config)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_dict(cfg.get("callbacks")),
+        plugins=[AtomicCheckpointIO()],
+    )
+    n_params = sum(p.numel() for p in module.model.parameters())
+    log.info("model: %.2fM parameters (%.2fM active per token)", n_params / 1e6,
+             model_config.num_params(active_only=True) / 1e6)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if trainer.is_global_zero:
+        out = Path(cfg.paths.output_dir)
+        ckpt_cb = trainer.checkpoint_callback
+        if ckpt_cb is not None and ckpt_cb.last_model_path:
+            log.info("checkpoints: last %s, best %s", ckpt_cb.last_model_path, ckpt_cb.best_model_path)
+        log.info("outputs in %s", out)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except StagelmError as e:  # Hydra would print a stack trace for anything that reaches it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    monitor = cfg.get("monitor", {}).get("metric")
+    return metrics.get(monitor) if monitor else None  # the value an Optuna sweep optimises
+
+
+def main() -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

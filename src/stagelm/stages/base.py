@@ -1,0 +1,126 @@
+"""What every stage shares: the backbone built from a ModelConfig (optionally initialised from the checkpoint of
+the stage before), AdamW with weight decay only on matrices, a warmup + cosine schedule, throughput logging, and
+the stagelm metadata that makes every checkpoint self-sufficient."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from stagelm.checkpoint import load_checkpoint, load_weights_strict, stagelm_metadata, submodule_state
+from stagelm.errors import CheckpointError
+from stagelm.model import ModelConfig, Transformer
+from stagelm.tokenizer import Tokenizer
+
+OptimizerFactory = Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (attention, MLP and expert weights, heads); never norms, biases or embeddings."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed_tokens" in name or "norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StageModule(L.LightningModule):
+    """Base LightningModule: subclasses implement training_step/validation_step for their objective."""
+
+    stage_name = "base"
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+        optimizer: OptimizerFactory,
+        init_from: str | None = None,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model_config, self.tokenizer = model_config, tokenizer
+        self.optimizer_factory = optimizer
+        self.weight_decay, self.warmup_steps, self.min_lr_ratio = weight_decay, warmup_steps, min_lr_ratio
+        self.init_from = init_from
+        self.model = Transformer(model_config)
+        if init_from:
+            self.load_backbone(init_from)
+        # compile the inner nn.Module only: Dynamo cannot trace Lightning's self.log
+        self.forward_model = torch.compile(self.model) if compile else self.model
+        self._step_started: float | None = None
+        self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, saved in checkpoints
+
+    def load_backbone(self, path: str) -> None:
+        loaded = load_checkpoint(path)
+        if loaded.model_config != self.model_config:
+            diffs = [
+                f"{k}: expected {v}, found {loaded.model_config.to_dict()[k]}"
+                for k, v in self.model_config.to_dict().items()
+                if loaded.model_config.to_dict()[k] != v
+            ]
+            raise CheckpointError(f"init_from={path} does not fit the model config: " + "; ".join(diffs))
+        load_weights_strict(self.model, submodule_state(loaded.state_dict, "model."), path)
+
+    # --- optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(parameter_groups(self, self.weight_decay))
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- throughput ---------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def log_throughput(self, tokens: int) -> None:
+        if self._step_started is not None:
+            elapsed = time.perf_counter() - self._step_started
+            self.log("train/tokens_per_sec", tokens * self.trainer.world_size / max(elapsed, 1e-9), prog_bar=True)
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["stagelm"] = stagelm_metadata(
+            self.model_config, self.tokenizer, self.stage_name, run_config=self.run_config
+        )
+
+    # --- sample tables --------------------------------------------------------------------------------------------
+    def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table of sampled text: a wandb Table where wandb logs, and always a text file beside the metrics."""
+        if not rows or self.trainer is None or not self.trainer.is_global_zero:
+            return
+        for logger in self.loggers:
+            if hasattr(logger, "log_text"):  # WandbLogger
+                logger.log_text(key=key, columns=columns, data=rows, step=self.global_step)
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if log_dir:
+            from pathlib import Path
+
+            path = Path(log_dir) / f"{key.replace('/', '_')}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"--- step {self.global_step} ---\n")
+                for row in rows:
+                    f.write(" | ".join(str(c) for c in row) + "\n")
