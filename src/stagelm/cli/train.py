@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stagelm.checkpoint import load_checkpoint, read_checkpoint
 from stagelm.config import register_resolvers
-from stagelm.errors import ConfigError, StagelmError
+from stagelm.errors import CheckpointError, ConfigError, StagelmError
 from stagelm.model import ModelConfig
 from stagelm.tokenizer import Tokenizer, train_tokenizer
 from stagelm.training import AtomicCheckpointIO
@@ -69,6 +69,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.set_tokenizer(tokenizer)
     if cfg.get("ckpt_path"):
         resumed = read_checkpoint(cfg.ckpt_path)
+        found = ModelConfig.from_dict(resumed["stagelm"]["model_config"])
+        if found != model_config:
+            diffs = [f"{k}: expected {v}, found {found.to_dict()[k]}" for k, v in model_config.to_dict().items()
+                     if found.to_dict()[k] != v]
+            raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not fit the model: " + "; ".join(diffs))
         if hasattr(datamodule, "start_sample"):
             datamodule.start_sample = resumed.get("global_step", 0) * datamodule.batch_size
 
@@ -95,6 +100,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if ckpt_cb is not None and ckpt_cb.last_model_path:
             log.info("checkpoints: last %s, best %s", ckpt_cb.last_model_path, ckpt_cb.best_model_path)
         log.info("outputs in %s", out)
+        if cfg.get("print_samples") and hasattr(module, "sample_completions"):
+            print("\nsamples (greedy):")
+            for prompt, completion in module.sample_completions():
+                print(f"  {prompt!r} -> {completion!r}")
     return metrics
 
 

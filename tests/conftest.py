@@ -1,0 +1,50 @@
+"""Shared fixtures: composing the real Hydra configs in-process, and running the real CLIs in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "stagelm" / "conf"
+SHARED_DATA = Path(os.environ.get("STAGELM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_train(tmp_path: Path, *overrides: str) -> DictConfig:
+    """The resolved `train` config with outputs and caches under tmp_path and no logger unless overridden."""
+    from stagelm.config import register_resolvers
+
+    register_resolvers()
+    base = [f"paths.log_dir={tmp_path}/logs", f"paths.cache_dir={tmp_path}/cache"]
+    if not any(o.startswith("logger=") for o in overrides):
+        base.append("logger=none")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=base + list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: int = 600, env: dict | None = None):
+    """Run `python -m stagelm.cli.<module> args...` the way a user would, capturing output."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", f"stagelm.cli.{module}", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not present (only on development machines)")
+    return path
