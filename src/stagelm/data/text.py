@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from stagelm.data.jsonl import iter_jsonl
 from stagelm.errors import DataError
 from stagelm.tokenizer import BOS, Tokenizer
 
@@ -42,17 +43,10 @@ def read_documents(path: str | os.PathLike | None, builtin_chars: int = 3_000_00
 
 def _read_jsonl_texts(path: Path) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{line_no}: expected an object with a string 'text' field")
-            texts.append(record["text"])
+    for where, record in iter_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{where}: expected an object with a string 'text' field")
+        texts.append(record["text"])
     return texts
 
 

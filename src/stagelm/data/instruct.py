@@ -1,0 +1,208 @@
+"""Instruction data for SFT: conversations in the chat format, loss on assistant tokens only.
+
+Reads JSONL in the common formats (one per line, mixed freely):
+- `{"prompt": "...", "completion": "..."}` (strings, or message lists as in TRL's conversational form);
+- `{"messages": [...], "tools": [...]}` (OpenAI chat shape, tool calls included);
+- `{"instruction": "...", "input": "...", "output": "..."}` (Alpaca).
+An optional `answer` field is the reference final answer used for `val/exact_match`. With no path, the built-in
+small-world instruction set is used; a Hugging Face dataset name works too (needs the `datasets` package).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from stagelm.chat import ChatFormatError, Message, render_for_training
+from stagelm.data.jsonl import iter_jsonl
+from stagelm.errors import DataError
+from stagelm.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    tools: list[dict[str, Any]] | None = None
+    answer: str | None = None  # reference final answer, when known
+    family: str | None = None  # task family of built-in data, for per-family metrics
+
+    @property
+    def prompt(self) -> list[Message]:
+        """Everything before the final assistant turn: what a model is asked at evaluation."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return self.messages[:last]
+
+    @property
+    def reference(self) -> str:
+        return self.messages[-1].get("content") or ""
+
+
+def _as_messages(value: Any, role: str, where: str, field: str) -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        return value
+    raise DataError(f"{where}: '{field}' must be a string or a list of messages")
+
+
+def to_conversation(record: dict[str, Any], where: str) -> Conversation:
+    """Any supported record shape -> Conversation; a DataError naming file and line otherwise."""
+    if "messages" in record:
+        messages = _as_messages(record["messages"], "user", where, "messages")
+    elif "prompt" in record and "completion" in record:
+        messages = _as_messages(record["prompt"], "user", where, "prompt")
+        messages = messages + _as_messages(record["completion"], "assistant", where, "completion")
+    elif "instruction" in record and "output" in record:
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    else:
+        raise DataError(
+            f"{where}: unrecognised record with keys {sorted(record)}; expected 'messages', "
+            "'prompt'+'completion', or 'instruction'+'output'"
+        )
+    if not any(m.get("role") == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant turn to learn from")
+    answer = record.get("answer")
+    return Conversation(messages, record.get("tools"), None if answer is None else str(answer), record.get("family"))
+
+
+def read_conversations(path: str) -> list[Conversation]:
+    conversations = [to_conversation(record, where) for where, record in iter_jsonl(path)]
+    if not conversations:
+        raise DataError(f"{path}: no records")
+    return conversations
+
+
+def load_hf_conversations(name: str, split: str) -> list[Conversation]:  # pragma: no cover - needs internet
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError("hf_dataset needs the `datasets` package: pip install datasets") from e
+    rows = datasets.load_dataset(name, split=split)
+    return [to_conversation(dict(row), f"{name}[{split}]:{i}") for i, row in enumerate(rows)]
+
+
+def builtin_conversations(split: str, n: int, seed: int, quality: float) -> list[Conversation]:
+    from stagelm.data import world
+
+    records = world.instruction_examples(split, n, seed=seed, quality=quality if split == "train" else 1.0)
+    return [to_conversation(r, f"builtin {split} #{i}") for i, r in enumerate(records)]
+
+
+class SFTCollator:
+    """Right-pads a batch; labels are the next token where the loss mask is on, IGNORE_INDEX elsewhere."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[tuple[list[int], list[bool]]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in examples) - 1
+        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, mask) in enumerate(examples):
+            n = len(ids) - 1
+            input_ids[row, :n] = torch.tensor(ids[:-1])
+            targets = torch.tensor(ids[1:])
+            keep = torch.tensor(mask[1:])
+            labels[row, :n] = torch.where(keep, targets, torch.full_like(targets, IGNORE_INDEX))
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class InstructDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str | None = None,
+        val_path: str | None = None,
+        hf_dataset: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 32,
+        max_steps: int = 1000,
+        seed: int = 0,
+        builtin_train: int = 20000,
+        builtin_val: int = 300,
+        quality: float = 0.7,
+        val_fraction: float = 0.05,
+        eval_examples: int = 200,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.path, self.val_path, self.hf_dataset = path, val_path, hf_dataset
+        self.max_length, self.batch_size, self.max_steps, self.seed = max_length, batch_size, max_steps, seed
+        self.builtin_train, self.builtin_val, self.quality = builtin_train, builtin_val, quality
+        self.val_fraction, self.eval_examples, self.num_workers = val_fraction, eval_examples, num_workers
+        self.tokenizer: Tokenizer | None = None
+        self.train_conversations: list[Conversation] = []
+        self.val_conversations: list[Conversation] = []
+        self.truncated = 0  # training examples cut to max_length (logged by the stage)
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def documents(self) -> list[str]:
+        raise DataError("SFT starts from a pre-trained checkpoint: pass init_from=PATH")
+
+    def load(self) -> tuple[list[Conversation], list[Conversation]]:
+        if self.path:
+            train = read_conversations(self.path)
+            if self.val_path:
+                return train, read_conversations(self.val_path)
+            rng = random.Random(self.seed)
+            rng.shuffle(train)
+            n_val = max(1, int(len(train) * self.val_fraction))
+            return train[n_val:], train[:n_val]
+        if self.hf_dataset:
+            train = load_hf_conversations(self.hf_dataset, "train")
+            return train, load_hf_conversations(self.hf_dataset, "test")
+        return (
+            builtin_conversations("train", self.builtin_train, self.seed, self.quality),
+            builtin_conversations("val", self.builtin_val, self.seed, 1.0),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_conversations:
+            return
+        if self.tokenizer is None:
+            raise RuntimeError("InstructDataModule.set_tokenizer() must be called before setup()")
+        self.train_conversations, self.val_conversations = self.load()
+        self._train = self._encode(self.train_conversations, count_truncated=True)
+        self._val = self._encode(self.val_conversations, count_truncated=False)
+
+    def _encode(self, conversations: list[Conversation], count_truncated: bool) -> list[tuple[list[int], list[bool]]]:
+        encoded = []
+        for i, conv in enumerate(conversations):
+            try:
+                ex = render_for_training(self.tokenizer, conv.messages, conv.tools)
+            except ChatFormatError as e:
+                raise DataError(f"conversation {i}: {e}") from None
+            ids, mask = ex.input_ids, ex.loss_mask
+            if len(ids) > self.max_length + 1:
+                ids, mask = ids[: self.max_length + 1], mask[: self.max_length + 1]
+                self.truncated += count_truncated
+            if any(mask[1:]):
+                encoded.append((ids, mask))
+        return encoded
+
+    def eval_set(self) -> list[Conversation]:
+        """Held-out conversations whose prompts are answered by generation at validation."""
+        return self.val_conversations[: self.eval_examples]
+
+    def train_dataloader(self) -> DataLoader:
+        # sample with replacement from a seeded generator: runs are reproducible and max_steps defines the length
+        world = self.trainer.world_size if self.trainer is not None else 1
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = torch.utils.data.RandomSampler(
+            self._train, replacement=True, num_samples=self.max_steps * self.batch_size * world, generator=generator
+        )
+        return DataLoader(self._train, batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=SFTCollator(self.tokenizer.pad_id), num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._val, batch_size=self.batch_size, collate_fn=SFTCollator(self.tokenizer.pad_id),
+                          num_workers=self.num_workers)

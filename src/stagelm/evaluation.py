@@ -1,0 +1,72 @@
+"""Answering held-out chat prompts by generation, and the checks every stage reports on the replies:
+is the final answer right (`exact_match`), is the reply well formed (`format_ok`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from stagelm.chat import Message, parse_assistant, render
+from stagelm.generation import generate
+from stagelm.model import Transformer
+from stagelm.tokenizer import END_OF_TURN, SPECIAL_TOKENS, Tokenizer
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in digits (thousands commas dropped), or None: how a final answer is read."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "").rstrip(".")
+    return value[:-2] if value.endswith(".0") else value
+
+
+@torch.no_grad()
+def generate_replies(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[list[Message]],
+    tools: Sequence[list[dict[str, Any]] | None] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    **sampling: Any,
+) -> list[str]:
+    """Assistant replies to chat prompts, as text ending with `<|end|>` when the model finished its turn."""
+    was_training = model.training
+    model.eval()
+    tools = tools or [None] * len(prompts)
+    stops = [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [tokenizer.encode(render(p, add_generation_prompt=True, tools=t))
+               for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])]
+        out = generate(model, ids, max_new_tokens, stop_tokens=stops, pad_id=tokenizer.pad_id,
+                       greedy=sampling.pop("greedy", True), **sampling)
+        for row, length in zip(out.tokens.tolist(), out.lengths.tolist()):
+            replies.append(tokenizer.decode(row[:length]))
+    model.train(was_training)
+    return replies
+
+
+def format_ok(reply: str) -> bool:
+    """Well formed: the turn ended with `<|end|>`, has content or valid tool calls, and no stray special tokens."""
+    message = parse_assistant(reply)
+    if message.get("finished") is False or message.get("malformed_tool_call"):
+        return False
+    content = message.get("content", "")
+    if any(tok in content for tok in SPECIAL_TOKENS):
+        return False
+    return bool(content.strip() or message.get("tool_calls"))
+
+
+def answer_correct(reply: str, answer: str | None, reference: str) -> bool:
+    """With a known answer, the reply's last number must equal it; otherwise the reply must equal the reference."""
+    content = parse_assistant(reply).get("content", "")
+    if answer is not None:
+        return last_number(content) == last_number(str(answer))
+    return " ".join(content.split()) == " ".join(reference.split())

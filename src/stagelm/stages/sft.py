@@ -1,0 +1,78 @@
+"""Stage 2, supervised instruction fine-tuning: cross-entropy on the assistant tokens of chat conversations
+(prompt, system, user and tool tokens are masked), starting from a pre-trained checkpoint.
+
+Logs `train/loss`, `val/loss` (assistant tokens only), and by greedy generation on held-out prompts
+`val/exact_match` (the final answer is right), `val/format_ok` (well formed, ends with `<|end|>`), with a table
+of sample conversations."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from stagelm.data.instruct import IGNORE_INDEX
+from stagelm.evaluation import answer_correct, format_ok, generate_replies
+from stagelm.stages.base import StageModule
+
+
+class SFTModule(StageModule):
+    stage_name = "sft"
+
+    def __init__(self, *args: Any, eval_max_new_tokens: int = 64, eval_batch_size: int = 100,
+                 sample_rows: int = 8, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_max_new_tokens, self.eval_batch_size, self.sample_rows = (
+            eval_max_new_tokens, eval_batch_size, sample_rows)
+        self.val_loss = MeanMetric()
+
+    def assistant_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.forward_model(batch["input_ids"])
+        loss = self.assistant_loss(out.logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/aux_loss", out.aux_loss)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/truncated", float(getattr(self.trainer.datamodule, "truncated", 0)))
+        self.log_throughput(int((batch["input_ids"] != self.tokenizer.pad_id).sum()))
+        return loss + out.aux_loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.model(batch["input_ids"])
+        n = int((batch["labels"] != IGNORE_INDEX).sum())
+        self.val_loss.update(self.assistant_loss(out.logits, batch["labels"]), weight=max(n, 1))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
+        self.val_loss.reset()
+        metrics, rows = self.evaluate()
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in ("val/exact_match", "val/format_ok"), sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self.log_samples("val/conversations", ["prompt", "reply", "reference", "correct"], rows)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], list[list[Any]]]:
+        conversations = self.trainer.datamodule.eval_set()
+        if not conversations:
+            return {}, []
+        replies = generate_replies(self.model, self.tokenizer, [c.prompt for c in conversations],
+                                   [c.tools for c in conversations], self.eval_max_new_tokens, self.eval_batch_size)
+        correct = [answer_correct(r, c.answer, c.reference) for r, c in zip(replies, conversations)]
+        well_formed = [format_ok(r) for r in replies]
+        metrics = {"val/exact_match": sum(correct) / len(correct), "val/format_ok": sum(well_formed) / len(replies)}
+        by_family: dict[str, list[bool]] = defaultdict(list)
+        for conv, ok in zip(conversations, correct):
+            if conv.family:
+                by_family[conv.family].append(ok)
+        for family, oks in by_family.items():
+            metrics[f"val/exact_match_{family}"] = sum(oks) / len(oks)
+        rows = [[c.prompt[-1].get("content", ""), r, c.reference, ok]
+                for c, r, ok in list(zip(conversations, replies, correct))[: self.sample_rows]]
+        return metrics, rows
