@@ -1,0 +1,98 @@
+"""`stagelm-generate` end to end: a checkpoint written the way stages write one, the CLI run as a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stagelm.checkpoint import atomic_torch_save, stagelm_metadata
+from stagelm.generation import complete
+from stagelm.model import ModelConfig, Transformer
+from stagelm.tokenizer import CharTokenizer
+
+
+def run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "from stagelm.cli.generate import main; main()", *overrides]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Transformer, CharTokenizer]:
+    tokenizer = CharTokenizer.train(["hello world"])
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=32,
+        d_ff_dense=64,
+        n_experts=4,
+        top_k=2,
+        moe_every=2,
+        max_seq_len=64,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    state = {"model." + k: v for k, v in model.state_dict().items()}
+    atomic_torch_save({"state_dict": state, "stagelm": stagelm_metadata(cfg, tokenizer, "pretrain")}, path)
+    return path, model, tokenizer
+
+
+def test_greedy_completion(checkpoint, tmp_path: Path) -> None:
+    path, model, tokenizer = checkpoint
+    result = run_cli(tmp_path, f"ckpt={path}", "prompt=hello", "max_new_tokens=5", "greedy=true")
+    assert result.returncode == 0, result.stderr
+    expected = "hello" + complete(model, tokenizer, ["hello"], 5, greedy=True)[0]
+    assert result.stdout == expected + "\n"
+    assert result.stdout.startswith("hello") and len(result.stdout.rstrip("\n")) <= len("hello") + 5
+    assert list(tmp_path.iterdir()) == []  # Hydra wrote no outputs/ folder and no logs
+
+
+def test_sampling_with_seed_and_several_samples(checkpoint, tmp_path: Path) -> None:
+    path, model, tokenizer = checkpoint
+    args = (f"ckpt={path}", "prompt=hello world", "max_new_tokens=8", "num_samples=3", "seed=4", "top_k=10")
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- sample") == 3
+    # seeded, so the in-process sampler reproduces the subprocess's samples exactly
+    expected = complete(model, tokenizer, ["hello world"] * 3, 8, seed=4, top_k=10, temperature=0.8)
+    blocks = [b.split("\n", 1)[1].rstrip("\n") for b in result.stdout.split("--- sample")[1:]]
+    assert blocks == ["hello world" + text for text in expected]
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, f"ckpt={tmp_path / 'nope.ckpt'}", "prompt=hi")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "not found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_unreadable_checkpoint(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run_cli(tmp_path, f"ckpt={bad}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_no_checkpoint_and_messages_not_supported(checkpoint, tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "prompt=hi")
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "ckpt=" in result.stderr
+    path = checkpoint[0]
+    result = run_cli(tmp_path, f"ckpt={path}", "messages=[{role: user, content: hi}]")
+    assert result.returncode == 2 and "not supported yet" in result.stderr
+
+
+def test_max_new_tokens_clipped_to_max_seq_len(checkpoint, tmp_path: Path) -> None:
+    path = checkpoint[0]
+    result = run_cli(tmp_path, f"ckpt={path}", "prompt=hello", "max_new_tokens=500", "greedy=true")
+    assert result.returncode == 0, result.stderr
+    assert "clipped to 58" in result.stderr  # 64 - (BOS + 5 characters)
+    assert len(result.stdout.rstrip("\n")) <= 64
