@@ -44,8 +44,8 @@ def test_resume_continues_the_step_count(tmp_path: Path) -> None:
     assert torch.load(_ckpt(tmp_path / "b" / "run"), weights_only=False)["global_step"] == 16
 
 
-def _cli(tmp_path: Path, *args: str):
-    return run_cli("train", *FAST, "logger=none", f"paths.cache_dir={tmp_path}/cache", "trainer.max_steps=4",
+def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = ()):
+    return run_cli("train", *flags, *FAST, "logger=none", f"paths.cache_dir={tmp_path}/cache", "trainer.max_steps=4",
                    "trainer.val_check_interval=4", *args, cwd=tmp_path)
 
 
@@ -86,7 +86,7 @@ def test_ddp_on_cpu_with_two_processes(tmp_path: Path) -> None:
 
 
 def test_multirun_sweeps_model_settings(tmp_path: Path) -> None:
-    result = _cli(tmp_path, "-m", "model.n_experts=0,4")
+    result = _cli(tmp_path, "model.n_experts=0,4", flags=("-m",))
     assert result.returncode == 0, result.stderr[-3000:]
     ckpts = sorted(tmp_path.glob("outputs/train/multiruns/*/*/checkpoints/last.ckpt"))
     assert len(ckpts) == 2
