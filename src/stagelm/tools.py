@@ -11,38 +11,49 @@ CALCULATOR_SCHEMA = {
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluates an arithmetic expression.",
+        "description": "Evaluate an arithmetic expression with integers, + - * and parentheses.",
         "parameters": {
             "type": "object",
-            "properties": {"expression": {"type": "string", "description": "e.g. 4821 * 37"}},
+            "properties": {"expression": {"type": "string", "description": "for example '4821 * 37'"}},
             "required": ["expression"],
         },
     },
 }
 
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.USub: operator.neg, ast.UAdd: operator.pos}
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
 
 
-def _evaluate(node: ast.AST) -> float:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-        return node.value
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-        return _OPERATORS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
-        return _OPERATORS[type(node.op)](_evaluate(node.operand))
-    raise ValueError("only numbers and + - * / // % are allowed")
+def evaluate_arithmetic(expression: str) -> str:
+    """Exact integer arithmetic with + - * // % and parentheses, parsed (never eval'd); ValueError otherwise."""
+    if len(expression) > 200:
+        raise ValueError("expression too long")
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, (ast.FloorDiv, ast.Mod)) and right == 0:
+                raise ValueError("division by zero")
+            return _OPERATORS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        raise ValueError(f"unsupported expression: {expression!r}")
+
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"unsupported expression: {expression!r}") from e
+    return str(value(tree.body))
 
 
 def calculator(expression: str) -> str:
-    """The value of an arithmetic expression as text ("178377"), or "error: ..." for anything else."""
+    """The tool's reply: the value as text ("178377"), or "error: ..." that the model can read."""
     try:
-        value = _evaluate(ast.parse(expression.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, TypeError) as e:
+        return evaluate_arithmetic(expression)
+    except ValueError as e:
         return f"error: {e}"
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
 
 
 def run_tool_call(call: dict[str, Any]) -> str:

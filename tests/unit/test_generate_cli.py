@@ -82,12 +82,26 @@ def test_unreadable_checkpoint(tmp_path: Path) -> None:
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_no_checkpoint_and_messages_not_supported(checkpoint, tmp_path: Path) -> None:
+def test_no_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "prompt=hi")
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "ckpt=" in result.stderr
-    path = checkpoint[0]
-    result = run_cli(tmp_path, f"ckpt={path}", "messages=[{role: user, content: hi}]")
-    assert result.returncode == 2 and "not supported yet" in result.stderr
+
+
+def test_chat_messages_input_prints_the_assistant_reply(checkpoint, tmp_path: Path) -> None:
+    from stagelm.evaluation import generate_replies
+
+    path, model, tokenizer = checkpoint
+    messages = [{"role": "user", "content": "hello"}]
+    expected = generate_replies(model, tokenizer, [messages], max_new_tokens=8)[0].split("<|end|>")[0]
+    inline = run_cli(tmp_path, f"ckpt={path}", "messages=[{role: user, content: hello}]", "max_new_tokens=8",
+                     "greedy=true")
+    assert inline.returncode == 0, inline.stderr
+    assert inline.stdout.rstrip("\n") == expected
+    (tmp_path / "chat.json").write_text('[{"role": "user", "content": "hello"}]')
+    from_file = run_cli(tmp_path, f"ckpt={path}", "messages=chat.json", "max_new_tokens=8", "greedy=true")
+    assert from_file.stdout == inline.stdout
+    bad = run_cli(tmp_path, f"ckpt={path}", "messages=[{role: robot, content: hi}]")
+    assert bad.returncode == 2 and "unknown role 'robot'" in bad.stderr
 
 
 def test_max_new_tokens_clipped_to_max_seq_len(checkpoint, tmp_path: Path) -> None:

@@ -11,14 +11,18 @@ with status 2, without a traceback.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from stagelm.chat import ChatFormatError, render
 from stagelm.checkpoint import CheckpointError, load_checkpoint
 from stagelm.generation import TextStream, generate
+from stagelm.tokenizer import END_OF_TURN
 
 EXIT_USAGE = 2
 
@@ -56,11 +60,25 @@ class _StdoutWriter:
         sys.stdout.flush()
 
 
+def load_messages(value: object) -> list[dict]:
+    """messages= as a Hydra list, a JSON string, or the path of a .json file holding the list."""
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        text = path.read_text(encoding="utf-8") if path.suffix == ".json" and path.is_file() else value
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"messages: not a JSON message list or .json file ({e.msg})") from None
+    else:
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
+        raise UsageError('messages must be a list like [{"role": "user", "content": "..."}]')
+    return value
+
+
 def run(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UsageError("no checkpoint given: stagelm-generate ckpt=PATH prompt='...'")
-    if cfg.messages is not None:
-        raise UsageError("messages= (chat message list input) is not supported yet; pass prompt='...' instead")
     settings = _sampling_settings(cfg)
 
     loaded = load_checkpoint(str(cfg.ckpt))
@@ -68,9 +86,16 @@ def run(cfg: DictConfig) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
-    # Hydra parses `prompt=123` or `prompt=true` as a number or bool; the user meant text either way.
-    prompt = "" if cfg.prompt is None else str(cfg.prompt)
-    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    if cfg.messages is not None:
+        # chat input: render the conversation, let the model answer as the assistant, print only the reply
+        messages = load_messages(cfg.messages)
+        prompt_ids = tokenizer.encode(render(messages, add_generation_prompt=True))
+        prompt, stop_tokens = "", [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
+    else:
+        # Hydra parses `prompt=123` or `prompt=true` as a number or bool; the user meant text either way.
+        prompt = "" if cfg.prompt is None else str(cfg.prompt)
+        prompt_ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        stop_tokens = [tokenizer.eos_id]
     if tokenizer.unknown_count:
         print(
             f"note: {tokenizer.unknown_count} prompt character(s) not in the vocabulary became <|unk|>", file=sys.stderr
@@ -84,7 +109,6 @@ def run(cfg: DictConfig) -> None:
         max_new_tokens = room
 
     num_samples = int(cfg.num_samples)
-    stop_tokens = [tokenizer.eos_id]
     stream = None
     if num_samples == 1:
         stream = TextStream(tokenizer, _StdoutWriter(prompt), 0, stop_tokens)
@@ -110,7 +134,7 @@ def run(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (UsageError, CheckpointError, ValueError) as e:
+    except (UsageError, CheckpointError, ChatFormatError, ValueError) as e:
         # SystemExit is not an Exception, so Hydra lets it through instead of printing a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -32,7 +32,6 @@ See docs/small_world.md for the record shapes and examples.
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import json
@@ -43,6 +42,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from stagelm.tools import CALCULATOR_SCHEMA, evaluate_arithmetic
 
 VAL_FRACTION = 0.1
 SPLITS = ("train", "val")
@@ -232,40 +233,9 @@ def _rng(seed: int, *tags: str) -> random.Random:
 # ----------------------------------------------------------------------------------------------------------
 # The calculator tool
 
-CALCULATOR_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression with integers, + - * and parentheses.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "for example '4821 * 37'"}},
-            "required": ["expression"],
-        },
-    },
-}
-_AST_OPS: dict[type, Callable[[int, int], int]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
-
-
-def calculator(expression: str) -> str:
-    """The ``calculator`` tool: exact integer arithmetic with + - * and parentheses (no eval of arbitrary code)."""
-    if len(expression) > 200:
-        raise ValueError("expression too long")
-
-    def ev(node: ast.AST) -> int:
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
-            return _AST_OPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
-        raise ValueError(f"unsupported expression: {expression!r}")
-
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError as e:
-        raise ValueError(f"unsupported expression: {expression!r}") from e
-    return str(ev(tree.body))
+# One implementation, shared with chat: the tool a conversation calls is the one the data was made with.
+CALCULATOR_TOOL: dict[str, Any] = CALCULATOR_SCHEMA
+calculator = evaluate_arithmetic
 
 
 # ----------------------------------------------------------------------------------------------------------
