@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stagelm.model.config import ModelConfig
-from stagelm.model.layers import SwiGLU
+from stagelm.model.layers import SwiGLU, use_custom_autograd
 
 
 @dataclass
@@ -45,6 +45,66 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -
     return y
 
 
+def swiglu_act(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, 2F] gate|up -> (silu(gate) [N, F], silu(gate) * up [N, F])."""
+    f = gu.shape[-1] // 2
+    s = F.silu(gu[:, :f])
+    return s, s * gu[:, f:]
+
+
+def swiglu_act_backward(dh: torch.Tensor, gu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Gradient of `silu(gate) * up` w.r.t. gate|up [N, 2F], written in place into one buffer so the gate_up
+    matmul's backward needs no concatenation. dh [N, F] is consumed."""
+    f = s.shape[-1]
+    dgu = torch.empty_like(gu)
+    torch.mul(dh, s, out=dgu[:, f:])
+    torch.ops.aten.silu_backward.grad_input(dh.mul_(gu[:, f:]), gu[:, :f], grad_input=dgu[:, :f])
+    return dgu
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """All experts' SwiGLU over expert-sorted rows, with a hand-written backward: the gate and up gradients are
+    written straight into one [N, 2F] buffer (autograd would build them apart and concatenate), and weight
+    gradients come from one grouped matmul each."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        gu = F.grouped_mm(x, gate_up, offs=ends)  # [N, 2F]
+        s, h = swiglu_act(gu)
+        ctx.save_for_backward(x, gate_up, down, ends, gu, s, h)
+        return F.grouped_mm(h, down, offs=ends)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, gate_up, down, ends, gu, s, h = ctx.saved_tensors
+        dy = dy.contiguous()  # grouped_mm rejects the stride-0 gradients of e.g. `.sum().backward()`
+        d_down = F.grouped_mm(h.t(), dy, offs=ends) if ctx.needs_input_grad[2] else None  # [G, F, D]
+        dgu = swiglu_act_backward(F.grouped_mm(dy, down.transpose(1, 2), offs=ends), gu, s)  # [N, 2F]
+        dx = F.grouped_mm(dgu, gate_up.transpose(1, 2), offs=ends) if ctx.needs_input_grad[0] else None
+        d_gate_up = F.grouped_mm(x.t(), dgu, offs=ends) if ctx.needs_input_grad[1] else None  # [G, D, 2F]
+        return dx, d_gate_up, d_down, None
+
+
+class _RowGather(torch.autograd.Function):
+    """`x[index]` for an index that is a permutation of the rows of x repeated `k` times (each row of x
+    appears exactly k times): the backward is a gather by the inverse permutation and a sum over the k
+    copies, instead of the scattered accumulation that indexing needs in general."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (inverse,) = ctx.saved_tensors
+        dx = dy.index_select(0, inverse)  # [N*k, D] in (token, slot) order
+        if ctx.k > 1:
+            dx = dx.view(-1, ctx.k, dx.shape[-1]).sum(1)
+        return dx, None, None, None
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -58,50 +118,78 @@ class MoE(nn.Module):
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits [N, E] -> (chosen experts [N, k], their scores [N, k])."""
+        experts, scores, _ = self._route(logits)
+        return experts, scores
+
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`route`, plus the fp32 softmax over all experts when the router computed it (the stats reuse it)."""
         if self.router_kind == "sigmoid":
             top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
-            return experts, torch.sigmoid(top_logits.float()).to(logits.dtype)
+            return experts, torch.sigmoid(top_logits.float()).to(logits.dtype), None
         probs = torch.softmax(logits.float(), dim=-1)
         top_probs, experts = torch.topk(probs, self.top_k, dim=-1)
-        return experts, (top_probs / top_probs.sum(-1, keepdim=True)).to(logits.dtype)
+        if self.top_k == 1:
+            return experts, torch.ones_like(top_probs, dtype=logits.dtype), probs  # p / p is exactly 1
+        return experts, (top_probs / top_probs.sum(-1, keepdim=True)).to(logits.dtype), probs
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         B, T, D = x.shape
-        tokens = x.reshape(B * T, D)  # [N, D]
+        N, k = B * T, self.top_k
+        tokens = x.reshape(N, D)  # [N, D]
         logits = self.router(tokens)  # [N, E]
-        experts, scores = self.route(logits)  # [N, k] each
+        experts, scores, probs = self._route(logits)  # [N, k], [N, k], [N, E] or None
 
         # Sparse dispatch: sort the N*k (token, expert) assignments by expert, so each expert runs one matmul
         # over exactly the tokens routed to it; compute follows top_k, not n_experts.
         flat_experts = experts.reshape(-1)  # [N*k]
         order = torch.argsort(flat_experts, stable=True)  # [N*k]
-        token_index = order // self.top_k  # [N*k] source token of each sorted assignment
-        sorted_scores = scores.reshape(-1)[order, None]  # [N*k, 1]
+        token_index = order // k if k > 1 else order  # [N*k] source token of each sorted assignment
         counts = torch.bincount(flat_experts, minlength=self.n_experts)  # [E]
         ends = counts.cumsum(0).to(torch.int32)
 
-        routed_in = tokens[token_index]  # [N*k, D]
+        custom = use_custom_autograd(tokens)
+        if custom:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
+            routed_in = _RowGather.apply(tokens, token_index, inverse, k)  # [N*k, D]
+        else:
+            routed_in = tokens.index_select(0, token_index)
         if self.router_kind == "sigmoid":
-            routed_in = routed_in * sorted_scores
-        gate, up = grouped_matmul(routed_in, self.gate_up_proj, ends).chunk(2, dim=-1)  # [N*k, F] each
-        routed_out = grouped_matmul(F.silu(gate) * up, self.down_proj, ends)  # [N*k, D]
-        if self.router_kind == "softmax":
-            routed_out = routed_out * sorted_scores
+            routed_in = routed_in * scores.reshape(-1).index_select(0, order)[:, None]
+        if custom:
+            routed_out = _GroupedSwiGLU.apply(routed_in, self.gate_up_proj, self.down_proj, ends)  # [N*k, D]
+        else:
+            gate, up = grouped_matmul(routed_in, self.gate_up_proj, ends).chunk(2, dim=-1)  # [N*k, F] each
+            routed_out = grouped_matmul(F.silu(gate) * up, self.down_proj, ends)  # [N*k, D]
 
-        out = torch.zeros_like(tokens).index_add_(0, token_index, routed_out)  # [N, D]
+        weighted = self.router_kind == "softmax" and k > 1  # top-1 softmax weights are exactly 1
+        if custom:
+            # back to (token, slot) order by the inverse permutation, then weight and sum the k slots
+            out = _RowGather.apply(routed_out, inverse, order, 1)  # [N*k, D]
+            if k > 1:
+                out = out.view(N, k, D)
+                out = (out * scores[..., None] if weighted else out).sum(1)  # [N, D]
+        else:
+            if weighted:
+                routed_out = routed_out * scores.reshape(-1).index_select(0, order)[:, None]
+            out = torch.zeros_like(tokens).index_add_(0, token_index, routed_out)  # [N, D]
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
-        return out.view(B, T, D), self.router_stats(logits, counts)
+        return out.view(B, T, D), self.router_stats(logits, counts, probs)
 
-    def router_stats(self, logits: torch.Tensor, counts: torch.Tensor) -> RouterStats:
+    def router_stats(
+        self, logits: torch.Tensor, counts: torch.Tensor, probs: torch.Tensor | None = None
+    ) -> RouterStats:
+        """Losses and statistics from router logits [N, E] and assignment counts [E]; probs: their softmax."""
         logits = logits.float()
-        probs = torch.softmax(logits, dim=-1)  # [N, E]
+        if probs is None:
+            probs = torch.softmax(logits, dim=-1)  # [N, E]
         load = counts.float() / counts.sum()  # f_e
         load_balance = self.n_experts * torch.sum(load * probs.mean(0))
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        entropy = -(probs * torch.log(probs.clamp_min(1e-9))).sum(-1).mean()
-        return RouterStats(load_balance, z_loss, load.detach(), entropy.detach())
+        with torch.no_grad():
+            entropy = -(probs * torch.log(probs.clamp_min(1e-9))).sum(-1).mean()
+        return RouterStats(load_balance, z_loss, load.detach(), entropy)
 
     def aux_loss(self, stats: RouterStats) -> torch.Tensor:
         return self.lb_loss_coef * stats.load_balance_loss + self.z_loss_coef * stats.z_loss
-
