@@ -48,3 +48,25 @@ def shakespeare() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not present (only on development machines)")
     return path
+
+
+# --- small-model checkpoints on the built-in world, trained once per test session (learning tests only) ---------
+# The stage configs' defaults are the recipe: the same commands a user runs, and the pipeline runs.
+
+
+@pytest.fixture(scope="session")
+def small_pretrain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stagelm.cli.train import train
+
+    tmp = tmp_path_factory.mktemp("small_pretrain")
+    train(compose_train(tmp, "stage=pretrain", "model=small"))
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def small_sft_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_pretrain_checkpoint: Path) -> Path:
+    from stagelm.cli.train import train
+
+    tmp = tmp_path_factory.mktemp("small_sft")
+    train(compose_train(tmp, "stage=sft", f"init_from={small_pretrain_checkpoint}"))
+    return tmp / "run" / "checkpoints" / "last.ckpt"

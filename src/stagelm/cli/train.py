@@ -7,9 +7,11 @@ config, the stage's LightningModule, loggers, callbacks and the Trainer; then fi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,10 @@ def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
         return ModelConfig.from_dict(values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def _scalars(metrics: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, float)}
 
 
 def instantiate_dict(group: DictConfig | None) -> list[Any]:
@@ -92,14 +98,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     n_params = sum(p.numel() for p in module.model.parameters())
     log.info("model: %.2fM parameters (%.2fM active per token)", n_params / 1e6,
              model_config.num_params(active_only=True) / 1e6)
+    before: dict[str, float] = {}
+    if cfg.get("validate_before") and not cfg.get("ckpt_path"):
+        # the headline metrics of the starting point, for before/after reports
+        before = _scalars(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = _scalars(trainer.callback_metrics)
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None and ckpt_cb.last_model_path:
             log.info("checkpoints: last %s, best %s", ckpt_cb.last_model_path, ckpt_cb.best_model_path)
         log.info("outputs in %s", out)
+        summary = {"stage": module.stage_name, "before": before, "after": metrics,
+                   "wall_time_s": time.perf_counter() - started, "tokens_seen": module.tokens_seen,
+                   "global_step": trainer.global_step,
+                   "best_checkpoint": ckpt_cb.best_model_path if ckpt_cb is not None else None,
+                   "last_checkpoint": ckpt_cb.last_model_path if ckpt_cb is not None else None}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
         if cfg.get("print_samples") and hasattr(module, "sample_completions"):
             print("\nsamples (greedy):")
             for prompt, completion in module.sample_completions():

@@ -69,6 +69,7 @@ class StageModule(L.LightningModule):
         # compile the inner nn.Module only: Dynamo cannot trace Lightning's self.log
         self.forward_model = torch.compile(self.model) if compile else self.model
         self._step_started: float | None = None
+        self.tokens_seen = 0  # training tokens over all processes, kept across resumes (checkpoint metadata)
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, saved in checkpoints
 
     def load_backbone(self, path: str) -> None:
@@ -96,15 +97,23 @@ class StageModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def log_throughput(self, tokens: int) -> None:
+        """Log tokens/s of this step and the running total of tokens trained on (all processes)."""
+        tokens *= self.trainer.world_size
+        self.tokens_seen += tokens
+        self.log("train/tokens_seen", float(self.tokens_seen))
         if self._step_started is not None:
             elapsed = time.perf_counter() - self._step_started
-            self.log("train/tokens_per_sec", tokens * self.trainer.world_size / max(elapsed, 1e-9), prog_bar=True)
+            self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["stagelm"] = stagelm_metadata(
-            self.model_config, self.tokenizer, self.stage_name, run_config=self.run_config
+            self.model_config, self.tokenizer, self.stage_name, run_config=self.run_config,
+            tokens_seen=self.tokens_seen,
         )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("stagelm", {}).get("tokens_seen", 0))
 
     # --- sample tables --------------------------------------------------------------------------------------------
     def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
