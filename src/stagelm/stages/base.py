@@ -93,17 +93,16 @@ class StageModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- throughput ---------------------------------------------------------------------------------------------
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
-
     def log_throughput(self, tokens: int) -> None:
         """Log tokens/s of this step and the running total of tokens trained on (all processes)."""
         tokens *= self.trainer.world_size
         self.tokens_seen += tokens
         self.log("train/tokens_seen", float(self.tokens_seen))
+        # time between successive calls spans a whole step: forward, backward, optimizer, data
+        now = time.perf_counter()
         if self._step_started is not None:
-            elapsed = time.perf_counter() - self._step_started
-            self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
+            self.log("train/tokens_per_sec", tokens / max(now - self._step_started, 1e-9), prog_bar=True)
+        self._step_started = now
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
