@@ -43,7 +43,9 @@ def generate_replies(
     stops = [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        ids = [tokenizer.encode(render(p, add_generation_prompt=True, tools=t))
+        # keep the end of over-long prompts, so prompt + reply always fit the context
+        keep = model.config.max_seq_len - max_new_tokens
+        ids = [tokenizer.encode(render(p, add_generation_prompt=True, tools=t))[-keep:]
                for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])]
         out = generate(model, ids, max_new_tokens, stop_tokens=stops, pad_id=tokenizer.pad_id,
                        greedy=sampling.pop("greedy", True), **sampling)
@@ -64,9 +66,18 @@ def format_ok(reply: str) -> bool:
     return bool(content.strip() or message.get("tool_calls"))
 
 
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s,-]", " ", text.lower()).split()).strip(" ,")
+
+
 def answer_correct(reply: str, answer: str | None, reference: str) -> bool:
-    """With a known answer, the reply's last number must equal it; otherwise the reply must equal the reference."""
+    """A numeric answer must equal the reply's last number; a text answer ("seventy-one", "3, 4, 5") must end
+    the reply; with no answer the whole reply must equal the reference (whitespace aside)."""
     content = parse_assistant(reply).get("content", "")
-    if answer is not None:
-        return last_number(content) == last_number(str(answer))
-    return " ".join(content.split()) == " ".join(reference.split())
+    if answer is None:
+        return " ".join(content.split()) == " ".join(reference.split())
+    expected = last_number(str(answer))
+    if expected is not None and _normalise(str(answer)) == _normalise(expected):
+        return last_number(content) == expected
+    target = _normalise(str(answer))
+    return bool(target) and _normalise(content).endswith(target)

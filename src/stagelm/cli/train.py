@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics import Metric
 
 from stagelm.checkpoint import load_checkpoint, read_checkpoint
 from stagelm.config import register_resolvers
@@ -102,6 +103,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("validate_before") and not cfg.get("ckpt_path"):
         # the headline metrics of the starting point, for before/after reports
         before = _scalars(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+        for metric in module.modules():  # states written under inference mode cannot be updated in training
+            if isinstance(metric, Metric):
+                metric.reset()
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = _scalars(trainer.callback_metrics)

@@ -1,0 +1,215 @@
+"""`stagelm-pipeline`: all four stages in one command, from random weights to a reasoning-tuned model.
+
+    pretrain -> sft -> reward -> ppo -> grpo,   and dpo as a branch from sft
+
+Each stage runs as its own `stagelm-train` process, initialised from the checkpoint of the stage before, in
+`<out_dir>/<stage>/`. The pipeline is resumable and idempotent: a stage whose output exists for the same
+effective config (a hash of its overrides and of the stages it builds on) is skipped; changing a stage's
+settings re-runs it and every stage after it; an interrupted stage resumes from its `last.ckpt`. At the end it
+writes `report.md`, `report.json` and plots (see `stagelm.report`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from stagelm import __version__
+from stagelm.config import register_resolvers
+
+log = logging.getLogger("stagelm.pipeline")
+register_resolvers()
+
+# which stage's checkpoint each stage starts from (the first one present in the pipeline)
+UPSTREAM = {
+    "pretrain": [],
+    "sft": ["pretrain"],
+    "reward": ["sft"],
+    "ppo": ["sft"],
+    "dpo": ["sft"],
+    "grpo": ["ppo", "sft"],
+}
+# config groups of conf/train.yaml: per-stage keys not in this list are settings of the stage itself
+GROUP_KEYS = {"model", "data", "tokenizer", "trainer", "logger", "callbacks", "paths", "stage", "seed", "monitor",
+              "compile", "experiment", "debug"}
+
+
+@dataclass
+class StagePlan:
+    name: str
+    init_from: str | None
+    reward_model: str | None
+    overrides: list[str]
+    key: str  # hash of everything that determines this stage's output
+
+
+def _override_value(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def flatten(prefix: str, value: Any) -> list[str]:
+    """{"trainer": {"max_steps": 5}} -> ["trainer.max_steps=5"]."""
+    if isinstance(value, dict):
+        return [o for k, v in value.items() for o in flatten(f"{prefix}.{k}" if prefix else str(k), v)]
+    return [f"{prefix}={_override_value(value)}"]
+
+
+def stage_overrides(settings: dict[str, Any]) -> list[str]:
+    """Per-stage settings: group keys pass through (`trainer.max_steps`), anything else is a stage setting
+    (`beta: 0` -> `stage.beta=0`), so `stagelm-pipeline grpo.beta=0` works."""
+    overrides = []
+    for key, value in settings.items():
+        if key.split(".")[0] in GROUP_KEYS:
+            overrides += flatten(key, value)
+        else:
+            overrides += flatten(f"stage.{key}", value)
+    return overrides
+
+
+def group_choice(cfg: DictConfig, group: str) -> str:
+    """The option chosen for a config group (`model=tiny` -> "tiny"), passed on to each stage by name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().runtime.choices[group])
+
+
+def plan(cfg: DictConfig, out_dir: Path, model: str) -> list[StagePlan]:
+    stages = list(cfg.stages)
+    unknown = [s for s in stages if s not in UPSTREAM]
+    if unknown:
+        raise SystemExit(f"error: unknown stage(s) {unknown}; choose from {list(UPSTREAM)}")
+    plans: dict[str, StagePlan] = {}
+    common = stage_overrides(OmegaConf.to_container(cfg.common, resolve=True) or {})
+    for name in stages:
+        parents = [p for p in UPSTREAM[name] if p in plans][:1]
+        if UPSTREAM[name] and not parents:
+            raise SystemExit(f"error: stage {name} needs one of {UPSTREAM[name]} before it in `stages`")
+        init_from = str(out_dir / parents[0] / "checkpoints" / "last.ckpt") if parents else None
+        reward_model = None
+        if name == "ppo":
+            if "reward" not in plans:
+                raise SystemExit("error: stage ppo needs stage reward before it in `stages`")
+            reward_model = str(out_dir / "reward" / "checkpoints" / "last.ckpt")
+        settings = OmegaConf.to_container(cfg.get(name) or {}, resolve=True) or {}
+        overrides = [f"model={model}", *flatten("model", OmegaConf.to_container(cfg.model)), f"seed={cfg.seed}", *common, *stage_overrides(settings)]
+        upstream_keys = [plans[p].key for p in parents] + ([plans["reward"].key] if reward_model else [])
+        key = hashlib.sha256(json.dumps([__version__, name, overrides, upstream_keys]).encode()).hexdigest()[:16]
+        plans[name] = StagePlan(name, init_from, reward_model, overrides, key)
+    return list(plans.values())
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def run_stage(stage: StagePlan, out_dir: Path, logger: str, group: str) -> None:
+    stage_dir = out_dir / stage.name
+    marker = stage_dir / "stage.json"
+    resume = None
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        last = stage_dir / "checkpoints" / "last.ckpt"
+        if previous.get("key") == stage.key and last.exists():
+            resume = last
+        elif previous.get("key") != stage.key:
+            # a different config: keep the old outputs beside, never overwrite them silently
+            backup = out_dir / f"{stage.name}.previous"
+            shutil.rmtree(backup, ignore_errors=True)
+            stage_dir.rename(backup)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"key": stage.key, "status": "running", "overrides": stage.overrides}, indent=2))
+    command = [sys.executable, "-m", "stagelm.cli.train", f"stage={stage.name}", f"task_name={stage.name}",
+               f"hydra.run.dir={stage_dir}", f"logger={logger}", "validate_before=true", *stage.overrides]
+    if stage.init_from:
+        command.append(f"init_from={stage.init_from}")
+    if stage.reward_model:
+        command.append(f"reward_model={stage.reward_model}")
+    if logger == "wandb":
+        command += [f"+logger.wandb.group={group}", f"logger.wandb.name={stage.name}"]
+    if resume is not None:
+        command.append(f"ckpt_path={resume}")
+        log.info("resuming %s from %s", stage.name, resume)
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise SystemExit(f"error: stage {stage.name} failed (exit {result.returncode}); re-run to resume it")
+    marker.write_text(json.dumps({"key": stage.key, "status": "done", "overrides": stage.overrides}, indent=2))
+
+
+def is_done(stage: StagePlan, out_dir: Path) -> bool:
+    marker = out_dir / stage.name / "stage.json"
+    if not marker.exists():
+        return False
+    state = json.loads(marker.read_text())
+    return state.get("key") == stage.key and state.get("status") == "done"
+
+
+def run_pipeline(cfg: DictConfig) -> Path:
+    if cfg.get("out_dir"):
+        out_dir = Path(cfg.out_dir).resolve()
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = plan(cfg, out_dir, group_choice(cfg, "model"))
+    logger = group_choice(cfg, "logger")
+    expected = {s.name: float(cfg.expected_minutes.get(s.name, 1.0)) * 60 for s in stages}
+    group = f"pipeline-{hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]}"
+    started = time.perf_counter()
+    spent_ratio: list[float] = []
+    for i, stage in enumerate(stages, 1):
+        elapsed = time.perf_counter() - started
+        speed = sum(spent_ratio) / len(spent_ratio) if spent_ratio else 1.0
+        remaining = speed * sum(expected[s.name] for s in stages[i - 1 :] if not is_done(s, out_dir))
+        header = f"[stage {i}/{len(stages)}] {stage.name}"
+        if is_done(stage, out_dir):
+            print(f"{header}: done earlier with the same config, skipped", flush=True)
+            continue
+        print(f"{header}  (elapsed {_fmt(elapsed)}, about {_fmt(remaining)} to go)", flush=True)
+        t0 = time.perf_counter()
+        run_stage(stage, out_dir, logger, group)
+        spent_ratio.append((time.perf_counter() - t0) / expected[stage.name])
+    print(f"all {len(stages)} stages done in {_fmt(time.perf_counter() - started)}; writing the report", flush=True)
+    from stagelm.report import write_report
+
+    report = write_report(out_dir, [s.name for s in stages], list(cfg.report_prompts), logger=logger, group=group)
+    print(f"report: {report}", flush=True)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_pipeline(cfg)
+
+
+def open_stage_settings(argv: list[str]) -> list[str]:
+    """Per-stage settings are free-form (`grpo.beta=0`), but Hydra only adds new keys with `++`: add it."""
+    free = tuple(f"{name}." for name in [*UPSTREAM, "common"])
+    return [f"++{a}" if a.startswith(free) and "=" in a else a for a in argv]
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *open_stage_settings(sys.argv[1:])]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
