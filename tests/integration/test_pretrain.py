@@ -92,3 +92,6 @@ def test_multirun_sweeps_model_settings(tmp_path: Path) -> None:
     assert len(ckpts) == 2
     experts = sorted(torch.load(c, weights_only=False)["stagelm"]["model_config"]["n_experts"] for c in ckpts)
     assert experts == [0, 4]
+    summary = next(tmp_path.glob("outputs/train/multiruns/*/summary.md")).read_text()
+    assert "model.n_experts=0" in summary and "model.n_experts=4" in summary and "val/loss" in summary
+    assert "sweep summary" in result.stdout
