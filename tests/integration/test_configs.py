@@ -36,3 +36,15 @@ def test_shakespeare_experiment_matches_the_nanogpt_recipe(tmp_path: Path) -> No
     assert (cfg.model.n_layers, cfg.model.n_heads, cfg.model.d_model) == (4, 4, 128)
     assert (cfg.data.block_size, cfg.data.batch_size, cfg.trainer.max_steps) == (64, 12, 2000)
     assert cfg.stage.optimizer.lr == 1e-3
+
+
+def test_sweeper_and_slurm_launcher_configs_compose(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna", "logger=none"], return_hydra_config=True)
+        assert cfg.hydra.sweeper.params["stage.optimizer.lr"].startswith("tag(log")
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp"], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.trainer.strategy == "ddp"

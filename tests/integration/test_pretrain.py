@@ -95,3 +95,12 @@ def test_multirun_sweeps_model_settings(tmp_path: Path) -> None:
     summary = next(tmp_path.glob("outputs/train/multiruns/*/summary.md")).read_text()
     assert "model.n_experts=0" in summary and "model.n_experts=4" in summary and "val/loss" in summary
     assert "sweep summary" in result.stdout
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    result = _cli(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=3",
+                  "trainer.val_check_interval=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = next(tmp_path.glob("outputs/train/multiruns/*/optimization_results.yaml")).read_text()
+    assert "best_params" in best and "stage.optimizer.lr" in best
