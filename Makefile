@@ -25,9 +25,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	WANDB_MODE=offline $(BIN)/pytest -q --durations=25
 
-# The main job on the built-in data (pre-trains the small model on CPU and prints samples).
+# The main job on the built-in data: all four stages with the small model on CPU, then the report
+# (outputs/pipeline/report.md). Running it again skips finished stages.
 demo: $(STAMP)
-	WANDB_MODE=offline $(BIN)/stagelm-train experiment=demo
+	WANDB_MODE=offline $(BIN)/stagelm-pipeline
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts
