@@ -232,15 +232,25 @@ def run(args: argparse.Namespace, cs: dict[str, Contestant]) -> None:
         for _ in range(args.warmup):
             c.step()
     for r in range(args.rounds):
-        k = r % len(order)
-        for c in order[k:] + order[:k]:  # rotate so no contestant always runs right after the same neighbour
-            times = []
-            for _ in range(args.steps):
+        times: dict[str, list[float]] = {c.name: [] for c in order}
+        for i in range(args.steps):
+            # one step of every contestant per pass, in a rotated order, so peers are timed seconds apart
+            k = (r * args.steps + i) % len(order)
+            for c in order[k:] + order[:k]:
                 t0 = time.perf_counter()
                 c.step()
-                times.append(time.perf_counter() - t0)
-            c.times.append(statistics.median(times))
+                times[c.name].append(time.perf_counter() - t0)
+        for c in order:
+            c.times.append(statistics.median(times[c.name]))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c.name} {c.times[-1] * 1e3:.1f}ms" for c in order))
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
 
 
 def report(args: argparse.Namespace, checks: list[Check], cs: dict[str, Contestant]) -> None:
@@ -290,7 +300,9 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     checks, cs = build(args)
+    load_before = load_average()
     run(args, cs)
+    print(f"\n1-minute load average (other processes share the CPUs): {load_before} before, {load_average()} after")
     report(args, checks, cs)
 
 

@@ -85,6 +85,18 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx, d_gate_up, d_down, None
 
 
+def experts_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of each group of expert-sorted rows x [N, D] with its expert's weights -> [N, D]."""
+    if use_custom_autograd(x):
+        return _GroupedSwiGLU.apply(x, gate_up, down, ends)
+    gate, up = grouped_matmul(x, gate_up, ends).chunk(2, dim=-1)  # [N, F] each
+    return grouped_matmul(F.silu(gate) * up, down, ends)
+
+
+# torch.compile traces grouped_mm through a meta kernel that accepts bf16 only; other dtypes run it eagerly
+_experts_swiglu_eager = torch.compiler.disable(experts_swiglu)
+
+
 class _RowGather(torch.autograd.Function):
     """`x[index]` for an index that is a permutation of the rows of x repeated `k` times (each row of x
     appears exactly k times): the backward is a gather by the inverse permutation and a sum over the k
@@ -156,11 +168,9 @@ class MoE(nn.Module):
             routed_in = tokens.index_select(0, token_index)
         if self.router_kind == "sigmoid":
             routed_in = routed_in * scores.reshape(-1).index_select(0, order)[:, None]
-        if custom:
-            routed_out = _GroupedSwiGLU.apply(routed_in, self.gate_up_proj, self.down_proj, ends)  # [N*k, D]
-        else:
-            gate, up = grouped_matmul(routed_in, self.gate_up_proj, ends).chunk(2, dim=-1)  # [N*k, F] each
-            routed_out = grouped_matmul(F.silu(gate) * up, self.down_proj, ends)  # [N*k, D]
+        eager = torch.compiler.is_compiling() and x.dtype != torch.bfloat16
+        swiglu = _experts_swiglu_eager if eager else experts_swiglu
+        routed_out = swiglu(routed_in, self.gate_up_proj, self.down_proj, ends)  # [N*k, D]
 
         weighted = self.router_kind == "softmax" and k > 1  # top-1 softmax weights are exactly 1
         if custom:
