@@ -70,3 +70,25 @@ def small_sft_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_pretrai
     tmp = tmp_path_factory.mktemp("small_sft")
     train(compose_train(tmp, "stage=sft", f"init_from={small_pretrain_checkpoint}"))
     return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def run_main_in_process(main, *args: str, cwd: Path):
+    """Run a Hydra CLI's `main()` in this process (no interpreter start-up: ~10x faster than a subprocess) and
+    return what a subprocess would: returncode, stdout, stderr."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    sys.argv = ["stagelm", *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

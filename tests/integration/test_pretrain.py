@@ -10,7 +10,7 @@ import torch
 
 import stagelm
 from stagelm.cli.train import train
-from tests.conftest import compose_train, run_cli
+from tests.conftest import compose_train, run_cli, run_main_in_process
 
 FAST = ["model=tiny", "data.builtin_chars=300000", "data.block_size=64", "data.batch_size=16",
         "data.val_windows=64", "stage.warmup_steps=20", "stage.sample_prompts=[]"]
@@ -44,7 +44,12 @@ def test_resume_continues_the_step_count(tmp_path: Path) -> None:
     assert torch.load(_ckpt(tmp_path / "b" / "run"), weights_only=False)["global_step"] == 16
 
 
-def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = ()):
+def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = (), in_process: bool = False):
+    if in_process:
+        from stagelm.cli.train import main
+
+        return run_main_in_process(main, *flags, *FAST, "logger=none", f"paths.cache_dir={tmp_path}/cache",
+                                   "trainer.max_steps=4", "trainer.val_check_interval=4", *args, cwd=tmp_path)
     return run_cli("train", *flags, *FAST, "logger=none", f"paths.cache_dir={tmp_path}/cache", "trainer.max_steps=4",
                    "trainer.val_check_interval=4", *args, cwd=tmp_path)
 
@@ -58,11 +63,12 @@ def _one_line_error(result, *fragments: str) -> None:
 
 
 def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
-    _one_line_error(_cli(tmp_path, f"data.path={tmp_path}/missing.txt"), "does not exist", "missing.txt")
+    _one_line_error(_cli(tmp_path, f"data.path={tmp_path}/missing.txt", in_process=True), "does not exist",
+                    "missing.txt")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
-    _one_line_error(_cli(tmp_path, f"data.path={bad}"), "bad.jsonl:2")
-    _one_line_error(_cli(tmp_path, "model.n_kv_heads=3"), "n_kv_heads=3")
+    _one_line_error(_cli(tmp_path, f"data.path={bad}", in_process=True), "bad.jsonl:2")
+    _one_line_error(_cli(tmp_path, "model.n_kv_heads=3", in_process=True), "n_kv_heads=3")
     unknown = _cli(tmp_path, "model.widht=3")
     assert unknown.returncode != 0 and "widht" in unknown.stderr and "Traceback" not in unknown.stderr
 
@@ -72,7 +78,7 @@ def test_resuming_into_a_different_model_is_refused_and_overwrites_nothing(tmp_p
     assert first.returncode == 0, first.stderr[-3000:]
     last = next(tmp_path.glob("outputs/train/runs/*/checkpoints/last.ckpt"))
     before = last.read_bytes()
-    result = _cli(tmp_path, "model.d_model=96", f"ckpt_path={last}")
+    result = _cli(tmp_path, "model.d_model=96", f"ckpt_path={last}", in_process=True)
     _one_line_error(result, "d_model: expected 96, found 64")
     assert last.read_bytes() == before
 

@@ -147,7 +147,10 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_missing_checkpoint(tmp_path):
-    result = run_cli(f"ckpt={tmp_path / 'nope.ckpt'}", f"out={tmp_path / 'hf'}", cwd=tmp_path)
+    from stagelm.cli.export import main
+    from tests.conftest import run_main_in_process
+
+    result = run_main_in_process(main, f"ckpt={tmp_path / 'nope.ckpt'}", f"out={tmp_path / 'hf'}", cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nope.ckpt" in lines[0]

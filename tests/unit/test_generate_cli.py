@@ -13,9 +13,17 @@ from stagelm.checkpoint import atomic_torch_save, stagelm_metadata
 from stagelm.generation import complete
 from stagelm.model import ModelConfig, Transformer
 from stagelm.tokenizer import CharTokenizer
+from tests.conftest import run_main_in_process
 
 
-def run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_cli(cwd: Path, *overrides: str):
+    """In-process: fast, and exercises the same Hydra entry point; one test below uses a real subprocess."""
+    from stagelm.cli.generate import main
+
+    return run_main_in_process(main, *overrides, cwd=cwd)
+
+
+def run_subprocess(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", "from stagelm.cli.generate import main; main()", *overrides]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
 
@@ -46,7 +54,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Transfor
 
 def test_greedy_completion(checkpoint, tmp_path: Path) -> None:
     path, model, tokenizer = checkpoint
-    result = run_cli(tmp_path, f"ckpt={path}", "prompt=hello", "max_new_tokens=5", "greedy=true")
+    result = run_subprocess(tmp_path, f"ckpt={path}", "prompt=hello", "max_new_tokens=5", "greedy=true")
     assert result.returncode == 0, result.stderr
     expected = "hello" + complete(model, tokenizer, ["hello"], 5, greedy=True)[0]
     assert result.stdout == expected + "\n"
