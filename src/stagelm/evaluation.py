@@ -45,10 +45,19 @@ def generate_replies(
     for start in range(0, len(prompts), batch_size):
         # keep the end of over-long prompts, so prompt + reply always fit the context
         keep = model.config.max_seq_len - max_new_tokens
-        ids = [tokenizer.encode(render(p, add_generation_prompt=True, tools=t))[-keep:]
-               for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])]
-        out = generate(model, ids, max_new_tokens, stop_tokens=stops, pad_id=tokenizer.pad_id,
-                       greedy=sampling.pop("greedy", True), **sampling)
+        ids = [
+            tokenizer.encode(render(p, add_generation_prompt=True, tools=t))[-keep:]
+            for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])
+        ]
+        out = generate(
+            model,
+            ids,
+            max_new_tokens,
+            stop_tokens=stops,
+            pad_id=tokenizer.pad_id,
+            greedy=sampling.pop("greedy", True),
+            **sampling,
+        )
         for row, length in zip(out.tokens.tolist(), out.lengths.tolist()):
             replies.append(tokenizer.decode(row[:length]))
     model.train(was_training)

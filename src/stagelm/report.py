@@ -47,8 +47,12 @@ def stage_summary(stage_dir: Path, stage: str) -> dict[str, Any]:
         before, after = summary["before"].get(metric), summary["after"].get(metric)
         if before is not None or after is not None:
             headline[metric] = {"before": before, "after": after}
-    return {"headline": headline, "wall_time_s": summary.get("wall_time_s"),
-            "tokens_seen": summary.get("tokens_seen"), "global_step": summary.get("global_step")}
+    return {
+        "headline": headline,
+        "wall_time_s": summary.get("wall_time_s"),
+        "tokens_seen": summary.get("tokens_seen"),
+        "global_step": summary.get("global_step"),
+    }
 
 
 def improved(stage: str, headline: dict[str, dict[str, float | None]]) -> bool | None:
@@ -70,8 +74,12 @@ def answer_prompts(out_dir: Path, stages: list[str], prompts: list[str], max_new
         if stage not in CHAT_STAGES or not ckpt.exists():
             continue
         loaded = load_checkpoint(ckpt)
-        replies = generate_replies(loaded.model, loaded.tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                                   max_new_tokens=max_new_tokens)
+        replies = generate_replies(
+            loaded.model,
+            loaded.tokenizer,
+            [[{"role": "user", "content": p}] for p in prompts],
+            max_new_tokens=max_new_tokens,
+        )
         for prompt, reply in zip(prompts, replies):
             samples[prompt][stage] = reply.split("<|end|>")[0]
     return samples
@@ -129,19 +137,25 @@ def _fmt(value: float | None) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = ["# stagelm pipeline report", "",
-             f"Total wall time {report['total_wall_time_s'] / 60:.1f} min, "
-             f"{report['total_tokens_seen'] / 1e6:.2f}M training tokens.", "",
-             "| stage | metric | before | after | improved | wall time | tokens |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# stagelm pipeline report",
+        "",
+        f"Total wall time {report['total_wall_time_s'] / 60:.1f} min, "
+        f"{report['total_tokens_seen'] / 1e6:.2f}M training tokens.",
+        "",
+        "| stage | metric | before | after | improved | wall time | tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for stage, info in report["stages"].items():
         first = True
         for metric, values in info["headline"].items() or [("-", {"before": None, "after": None})]:
             wall = f"{info['wall_time_s'] / 60:.1f} min" if first and info["wall_time_s"] else ""
             tokens = f"{info['tokens_seen'] / 1e6:.2f}M" if first and info["tokens_seen"] else ""
             mark = {True: "yes", False: "NO", None: "-"}[info["improved"]] if first else ""
-            lines.append(f"| {stage if first else ''} | {metric} | {_fmt(values['before'])} | "
-                         f"{_fmt(values['after'])} | {mark} | {wall} | {tokens} |")
+            lines.append(
+                f"| {stage if first else ''} | {metric} | {_fmt(values['before'])} | "
+                f"{_fmt(values['after'])} | {mark} | {wall} | {tokens} |"
+            )
             first = False
     lines += ["", "## The same prompts after each stage", ""]
     for prompt, by_stage in report["samples"].items():
@@ -152,8 +166,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: Path, stages: list[str], prompts: list[str], logger: str = "csv",
-                 group: str | None = None) -> Path:
+def write_report(
+    out_dir: Path, stages: list[str], prompts: list[str], logger: str = "csv", group: str | None = None
+) -> Path:
     out_dir = Path(out_dir)
     report: dict[str, Any] = {"stages": {}}
     for stage in stages:
@@ -177,8 +192,14 @@ def log_to_wandb(out_dir: Path, report: dict[str, Any], group: str | None) -> No
 
     from stagelm.config import wandb_offline
 
-    run = wandb.init(project="stagelm", group=group, name="report", dir=str(out_dir),
-                     mode="offline" if wandb_offline() else "online", job_type="report")
+    run = wandb.init(
+        project="stagelm",
+        group=group,
+        name="report",
+        dir=str(out_dir),
+        mode="offline" if wandb_offline() else "online",
+        job_type="report",
+    )
     rows = [[s, m, v["before"], v["after"]] for s, i in report["stages"].items() for m, v in i["headline"].items()]
     run.log({"report/headline": wandb.Table(columns=["stage", "metric", "before", "after"], data=rows)})
     samples = [[p, s, r] for p, by in report["samples"].items() for s, r in by.items()]

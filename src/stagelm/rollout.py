@@ -51,8 +51,16 @@ def sample_rollouts(
     """`samples_per_prompt` replies to each prompt; rows are prompt-major (prompt i owns rows i*G .. i*G+G-1)."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     stops = [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
-    out = generate(model, repeated, max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stops,
-                   pad_id=tokenizer.pad_id, generator=generator)
+    out = generate(
+        model,
+        repeated,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop_tokens=stops,
+        pad_id=tokenizer.pad_id,
+        generator=generator,
+    )
     input_ids, attention_mask = out.sequences()
     replies = [tokenizer.decode(ids) for ids in out.completions()]
     return Rollout(input_ids, attention_mask, out.mask, out.logprobs, out.finished, out.prompt_ids.shape[1], replies)

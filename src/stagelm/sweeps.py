@@ -11,16 +11,26 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 # the columns shown for a run of stagelm-train (those it logged) and of stagelm-pipeline (headline "after")
-TRAIN_COLUMNS = ["val/loss", "val/bpc", "val/exact_match", "val/format_ok", "val/accuracy", "val/win_rate_vs_sft",
-                 "val/rm_score", "train/tokens_per_sec"]
+TRAIN_COLUMNS = [
+    "val/loss",
+    "val/bpc",
+    "val/exact_match",
+    "val/format_ok",
+    "val/accuracy",
+    "val/win_rate_vs_sft",
+    "val/rm_score",
+    "train/tokens_per_sec",
+]
 
 
 def job_row(job_dir: Path) -> dict[str, Any] | None:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.exists():
         return None
-    row: dict[str, Any] = {"run": job_dir.name,
-                           "overrides": " ".join(OmegaConf.to_container(OmegaConf.load(overrides_file)))}
+    row: dict[str, Any] = {
+        "run": job_dir.name,
+        "overrides": " ".join(OmegaConf.to_container(OmegaConf.load(overrides_file))),
+    }
     if (job_dir / "report.json").exists():  # a pipeline
         report = json.loads((job_dir / "report.json").read_text())
         for stage, info in report["stages"].items():

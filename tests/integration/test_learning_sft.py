@@ -16,8 +16,13 @@ from stagelm.evaluation import answer_correct, format_ok, generate_replies
 def held_out_scores(checkpoint: Path, n: int = 200) -> dict[str, float]:
     loaded = load_checkpoint(checkpoint)
     conversations = builtin_conversations("val", 300, seed=0, quality=1.0)[:n]
-    replies = generate_replies(loaded.model, loaded.tokenizer, [c.prompt for c in conversations],
-                               [c.tools for c in conversations], max_new_tokens=64)
+    replies = generate_replies(
+        loaded.model,
+        loaded.tokenizer,
+        [c.prompt for c in conversations],
+        [c.tools for c in conversations],
+        max_new_tokens=64,
+    )
     scores = {"exact_match": 0.0, "format_ok": 0.0}
     families: dict[str, list[bool]] = {}
     for conv, reply in zip(conversations, replies):

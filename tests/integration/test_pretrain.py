@@ -12,8 +12,15 @@ import stagelm
 from stagelm.cli.train import train
 from tests.conftest import compose_train, run_cli, run_main_in_process
 
-FAST = ["model=tiny", "data.builtin_chars=300000", "data.block_size=64", "data.batch_size=16",
-        "data.val_windows=64", "stage.warmup_steps=20", "stage.sample_prompts=[]"]
+FAST = [
+    "model=tiny",
+    "data.builtin_chars=300000",
+    "data.block_size=64",
+    "data.batch_size=16",
+    "data.val_windows=64",
+    "stage.warmup_steps=20",
+    "stage.sample_prompts=[]",
+]
 
 
 def _ckpt(run_dir: Path, name: str = "last.ckpt") -> Path:
@@ -38,8 +45,9 @@ def test_resume_continues_the_step_count(tmp_path: Path) -> None:
     train(first)
     last = _ckpt(tmp_path / "a" / "run")
     assert torch.load(last, weights_only=False)["global_step"] == 10
-    second = compose_train(tmp_path / "b", *FAST, "trainer.max_steps=16", "trainer.val_check_interval=8",
-                           f"ckpt_path={last}")
+    second = compose_train(
+        tmp_path / "b", *FAST, "trainer.max_steps=16", "trainer.val_check_interval=8", f"ckpt_path={last}"
+    )
     train(second)
     assert torch.load(_ckpt(tmp_path / "b" / "run"), weights_only=False)["global_step"] == 16
 
@@ -48,10 +56,28 @@ def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = (), in_process: bo
     if in_process:
         from stagelm.cli.train import main
 
-        return run_main_in_process(main, *flags, *FAST, "logger=none", f"paths.cache_dir={tmp_path}/cache",
-                                   "trainer.max_steps=4", "trainer.val_check_interval=4", *args, cwd=tmp_path)
-    return run_cli("train", *flags, *FAST, "logger=none", f"paths.cache_dir={tmp_path}/cache", "trainer.max_steps=4",
-                   "trainer.val_check_interval=4", *args, cwd=tmp_path)
+        return run_main_in_process(
+            main,
+            *flags,
+            *FAST,
+            "logger=none",
+            f"paths.cache_dir={tmp_path}/cache",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            *args,
+            cwd=tmp_path,
+        )
+    return run_cli(
+        "train",
+        *flags,
+        *FAST,
+        "logger=none",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        *args,
+        cwd=tmp_path,
+    )
 
 
 def _one_line_error(result, *fragments: str) -> None:
@@ -63,8 +89,9 @@ def _one_line_error(result, *fragments: str) -> None:
 
 
 def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
-    _one_line_error(_cli(tmp_path, f"data.path={tmp_path}/missing.txt", in_process=True), "does not exist",
-                    "missing.txt")
+    _one_line_error(
+        _cli(tmp_path, f"data.path={tmp_path}/missing.txt", in_process=True), "does not exist", "missing.txt"
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
     _one_line_error(_cli(tmp_path, f"data.path={bad}", in_process=True), "bad.jsonl:2")
@@ -84,8 +111,15 @@ def test_resuming_into_a_different_model_is_refused_and_overwrites_nothing(tmp_p
 
 
 def test_ddp_on_cpu_with_two_processes(tmp_path: Path) -> None:
-    result = _cli(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-                  "trainer.max_steps=6", "trainer.val_check_interval=3")
+    result = _cli(
+        tmp_path,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     last = next(tmp_path.glob("outputs/train/runs/*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=False)["global_step"] == 6
@@ -105,8 +139,13 @@ def test_multirun_sweeps_model_settings(tmp_path: Path) -> None:
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    result = _cli(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=3",
-                  "trainer.val_check_interval=3")
+    result = _cli(
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     best = next(tmp_path.glob("outputs/train/multiruns/*/optimization_results.yaml")).read_text()
     assert "best_params" in best and "stage.optimizer.lr" in best

@@ -15,8 +15,15 @@ from stagelm.data.instruct import read_conversations
 from stagelm.errors import DataError
 from tests.conftest import compose_train
 
-TINY_PRETRAIN = ["model=tiny", "data.builtin_chars=200000", "data.block_size=64", "data.batch_size=16",
-                 "stage.sample_prompts=[]", "trainer.max_steps=30", "trainer.val_check_interval=30"]
+TINY_PRETRAIN = [
+    "model=tiny",
+    "data.builtin_chars=200000",
+    "data.block_size=64",
+    "data.batch_size=16",
+    "stage.sample_prompts=[]",
+    "trainer.max_steps=30",
+    "trainer.val_check_interval=30",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +34,18 @@ def tiny_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_sft_stage_runs_logs_and_reloads(tmp_path: Path, tiny_pretrained: Path) -> None:
-    cfg = compose_train(tmp_path, "stage=sft", f"init_from={tiny_pretrained}", "trainer.max_steps=12",
-                        "trainer.val_check_interval=6", "data.builtin_train=500", "data.builtin_val=40",
-                        "data.eval_examples=16", "data.batch_size=8", "stage.eval_max_new_tokens=16")
+    cfg = compose_train(
+        tmp_path,
+        "stage=sft",
+        f"init_from={tiny_pretrained}",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=6",
+        "data.builtin_train=500",
+        "data.builtin_val=40",
+        "data.eval_examples=16",
+        "data.batch_size=8",
+        "stage.eval_max_new_tokens=16",
+    )
     metrics = train(cfg)
     for name in ("train/loss", "val/loss", "val/exact_match", "val/format_ok"):
         assert name in metrics, sorted(metrics)
@@ -43,16 +59,25 @@ def test_sft_stage_runs_logs_and_reloads(tmp_path: Path, tiny_pretrained: Path) 
 
 
 def test_sft_reads_user_jsonl_in_all_formats(tmp_path: Path, tiny_pretrained: Path) -> None:
-    rows = [{"prompt": "What is 2 + 2?", "completion": "2 + 2 = 4.", "answer": "4"},
-            {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
-            {"instruction": "Add the numbers.", "input": "3 and 4", "output": "3 + 4 = 7.", "answer": 7}] * 20
+    rows = [
+        {"prompt": "What is 2 + 2?", "completion": "2 + 2 = 4.", "answer": "4"},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
+        {"instruction": "Add the numbers.", "input": "3 and 4", "output": "3 + 4 = 7.", "answer": 7},
+    ] * 20
     path = tmp_path / "sft.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     conversations = read_conversations(str(path))
     assert conversations[2].messages[0]["content"] == "Add the numbers.\n\n3 and 4"
     assert conversations[2].answer == "7"
-    cfg = compose_train(tmp_path, "stage=sft", f"init_from={tiny_pretrained}", f"data.path={path}",
-                        "trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=4")
+    cfg = compose_train(
+        tmp_path,
+        "stage=sft",
+        f"init_from={tiny_pretrained}",
+        f"data.path={path}",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "data.batch_size=4",
+    )
     assert "val/exact_match" in train(cfg)
 
 

@@ -8,8 +8,11 @@ from stagelm.chat import ChatFormatError, parse, parse_assistant, render, render
 from stagelm.data.instruct import IGNORE_INDEX, SFTCollator
 from stagelm.tokenizer import CharTokenizer
 
-CALL = {"id": "call_0", "type": "function",
-        "function": {"name": "calculator", "arguments": '{"expression": "4821 * 37"}'}}
+CALL = {
+    "id": "call_0",
+    "type": "function",
+    "function": {"name": "calculator", "arguments": '{"expression": "4821 * 37"}'},
+}
 TOOL_CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is 4821 * 37?"},
@@ -35,14 +38,28 @@ def test_render_tool_calls_exact_text() -> None:
 
 def test_render_then_parse_round_trips_exactly() -> None:
     assert parse(render(TOOL_CONVERSATION)) == TOOL_CONVERSATION
-    two_calls = {"role": "assistant", "content": "Let me check.", "tool_calls": [
-        CALL, {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q":"x y"}'}}]}
+    two_calls = {
+        "role": "assistant",
+        "content": "Let me check.",
+        "tool_calls": [
+            CALL,
+            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q":"x y"}'}},
+        ],
+    }
     assert parse(render([two_calls])) == [two_calls]
 
 
 def test_tools_are_described_in_the_system_turn() -> None:
-    tools = [{"type": "function", "function": {"name": "calculator", "description": "Evaluates arithmetic.",
-              "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "calculator",
+                "description": "Evaluates arithmetic.",
+                "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}},
+            },
+        }
+    ]
     text = render([{"role": "user", "content": "hi"}], tools=tools)
     assert text.startswith("<|bos|><|system|>Tools you can call:\ncalculator(expression): Evaluates arithmetic.")
 
@@ -54,12 +71,15 @@ def test_parse_generated_reply() -> None:
     assert reply["tool_calls"][0]["function"] == {"name": "calculator", "arguments": '{"expression": "2*3"}'}
 
 
-@pytest.mark.parametrize("text", [
-    "<|tool_call|>call_0 calculator {not json<|/tool_call|><|end|>",
-    "<|tool_call|>call_0 calculator {}<|end|>",  # never closed
-    "<|tool_call|>call_0<|/tool_call|><|end|>",  # no name or arguments
-    "text <|/tool_call|><|end|>",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|tool_call|>call_0 calculator {not json<|/tool_call|><|end|>",
+        "<|tool_call|>call_0 calculator {}<|end|>",  # never closed
+        "<|tool_call|>call_0<|/tool_call|><|end|>",  # no name or arguments
+        "text <|/tool_call|><|end|>",
+    ],
+)
 def test_malformed_tool_calls_come_back_as_flagged_content(text: str) -> None:
     message = parse_assistant(text)
     assert message["malformed_tool_call"] is True
@@ -75,11 +95,32 @@ def test_bad_messages_name_the_turn() -> None:
 
 def test_loss_mask_position_by_position() -> None:
     tok = CharTokenizer.train([""])
-    messages = [{"role": "user", "content": "2+3"}, {"role": "assistant", "content": "5"},
-                {"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]
+    messages = [
+        {"role": "user", "content": "2+3"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "1+1"},
+        {"role": "assistant", "content": "2"},
+    ]
     ex = render_for_training(tok, messages)
-    pieces = ["<|bos|>", "<|user|>", "2", "+", "3", "<|end|>", "<|assistant|>", "5", "<|end|>",
-              "<|user|>", "1", "+", "1", "<|end|>", "<|assistant|>", "2", "<|end|>"]
+    pieces = [
+        "<|bos|>",
+        "<|user|>",
+        "2",
+        "+",
+        "3",
+        "<|end|>",
+        "<|assistant|>",
+        "5",
+        "<|end|>",
+        "<|user|>",
+        "1",
+        "+",
+        "1",
+        "<|end|>",
+        "<|assistant|>",
+        "2",
+        "<|end|>",
+    ]
     assert [tok.decode([i]) for i in ex.input_ids] == pieces
     expected = [False] * 7 + [True, True] + [False] * 6 + [True, True]
     assert ex.loss_mask == expected

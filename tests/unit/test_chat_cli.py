@@ -19,8 +19,18 @@ from stagelm.tools import calculator, run_tool_call
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = CharTokenizer.train(["hello world"])
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32,
-                      d_ff_dense=64, n_experts=4, moe_every=2, max_seq_len=512)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=32,
+        d_ff_dense=64,
+        n_experts=4,
+        moe_every=2,
+        max_seq_len=512,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     path = tmp_path_factory.mktemp("ckpt") / "sft.ckpt"
@@ -32,8 +42,21 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_multi_turn_chat_through_stdin(checkpoint: Path, tmp_path: Path) -> None:
     script = "hello\nhow are you?\n/reset\nhi again\n/exit\nnever read\n"
     result = subprocess.run(
-        [sys.executable, "-m", "stagelm.cli.chat", f"ckpt={checkpoint}", "max_new_tokens=6", "greedy=true",
-         "system=Be brief."], input=script, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "stagelm.cli.chat",
+            f"ckpt={checkpoint}",
+            "max_new_tokens=6",
+            "greedy=true",
+            "system=Be brief.",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("stagelm chat (sft checkpoint)")
@@ -61,6 +84,10 @@ def test_calculator_tool() -> None:
     assert calculator("4821 * 37") == "178377"
     assert calculator("(12 + 7) * 3 - 5") == "52"
     assert calculator("__import__('os')").startswith("error: ")
-    call = {"id": "call_0", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2*3"}'}}
+    call = {
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": "calculator", "arguments": '{"expression": "2*3"}'},
+    }
     assert run_tool_call(call) == "6"
     assert run_tool_call({"function": {"name": "search", "arguments": "{}"}}).startswith("error: unknown tool")

@@ -15,8 +15,9 @@ from stagelm.model import ModelConfig, Transformer
 from stagelm.stages.base import parameter_groups, warmup_cosine
 from stagelm.tokenizer import CharTokenizer
 
-CFG = ModelConfig(vocab_size=30, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, d_ff_dense=64,
-                  n_experts=4, moe_every=2)
+CFG = ModelConfig(
+    vocab_size=30, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32, d_ff_dense=64, n_experts=4, moe_every=2
+)
 
 
 def _write(path: Path, model: Transformer, config: ModelConfig) -> None:

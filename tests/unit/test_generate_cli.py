@@ -101,8 +101,9 @@ def test_chat_messages_input_prints_the_assistant_reply(checkpoint, tmp_path: Pa
     path, model, tokenizer = checkpoint
     messages = [{"role": "user", "content": "hello"}]
     expected = generate_replies(model, tokenizer, [messages], max_new_tokens=8)[0].split("<|end|>")[0]
-    inline = run_cli(tmp_path, f"ckpt={path}", "messages=[{role: user, content: hello}]", "max_new_tokens=8",
-                     "greedy=true")
+    inline = run_cli(
+        tmp_path, f"ckpt={path}", "messages=[{role: user, content: hello}]", "max_new_tokens=8", "greedy=true"
+    )
     assert inline.returncode == 0, inline.stderr
     assert inline.stdout.rstrip("\n") == expected
     (tmp_path / "chat.json").write_text('[{"role": "user", "content": "hello"}]')

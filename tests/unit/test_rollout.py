@@ -13,13 +13,35 @@ from stagelm.tokenizer import CharTokenizer
 def test_recomputed_logprobs_match_the_sampler() -> None:
     torch.manual_seed(0)
     tok = CharTokenizer.train(["0123456789 +-=?"])
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                    d_ff=32, d_ff_dense=64, n_experts=4, top_k=2, moe_every=2, init_std=0.1))
-    prompts = [tok.encode(render([{"role": "user", "content": q}], add_generation_prompt=True))
-               for q in ["1 + 2 = ?", "What is 37 - 5?", "9"]]
+    model = Transformer(
+        ModelConfig(
+            vocab_size=tok.vocab_size,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=32,
+            d_ff_dense=64,
+            n_experts=4,
+            top_k=2,
+            moe_every=2,
+            init_std=0.1,
+        )
+    )
+    prompts = [
+        tok.encode(render([{"role": "user", "content": q}], add_generation_prompt=True))
+        for q in ["1 + 2 = ?", "What is 37 - 5?", "9"]
+    ]
     for temperature in (1.0, 0.7):
-        rollout = sample_rollouts(model, tok, prompts, samples_per_prompt=4, max_new_tokens=12,
-                                  temperature=temperature, generator=torch.Generator().manual_seed(1))
+        rollout = sample_rollouts(
+            model,
+            tok,
+            prompts,
+            samples_per_prompt=4,
+            max_new_tokens=12,
+            temperature=temperature,
+            generator=torch.Generator().manual_seed(1),
+        )
         assert len(rollout) == 12 and rollout.completion_mask.shape == (12, 12)
         # prompt-major rows: the four samples of a prompt share its (left-padded) prompt
         assert torch.equal(rollout.input_ids[0, : rollout.prompt_width], rollout.input_ids[3, : rollout.prompt_width])

@@ -47,8 +47,15 @@ def test_missing_and_empty_paths(tmp_path: Path) -> None:
 def _module(tmp_path: Path, **kw) -> TextDataModule:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i} of the corpus.\n" for i in range(400)))
-    dm = TextDataModule(path=str(corpus), block_size=16, batch_size=4, val_fraction=0.1, max_steps=5,
-                        cache_dir=str(tmp_path / "cache"), **kw)
+    dm = TextDataModule(
+        path=str(corpus),
+        block_size=16,
+        batch_size=4,
+        val_fraction=0.1,
+        max_steps=5,
+        cache_dir=str(tmp_path / "cache"),
+        **kw,
+    )
     dm.set_tokenizer(CharTokenizer.train(dm.documents()))
     dm.setup("fit")
     return dm

@@ -25,8 +25,15 @@ MAX_TOOL_ROUNDS = 3
 
 
 class ChatSession:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, system: str | None, tools: bool,
-                 max_new_tokens: int, sampling: dict) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        system: str | None,
+        tools: bool,
+        max_new_tokens: int,
+        sampling: dict,
+    ) -> None:
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.tools = [CALCULATOR_SCHEMA] if tools else None
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
@@ -53,8 +60,16 @@ class ChatSession:
         for _ in range(MAX_TOOL_ROUNDS):
             stream = TextStream(self.tokenizer, write, stop_tokens=stops)
             sampling = {k: v for k, v in self.sampling.items() if k != "seed"}
-            out = generate(self.model, [self._prompt_ids()], self.max_new_tokens, stop_tokens=stops,
-                           pad_id=self.tokenizer.pad_id, generator=self.generator, on_token=stream, **sampling)
+            out = generate(
+                self.model,
+                [self._prompt_ids()],
+                self.max_new_tokens,
+                stop_tokens=stops,
+                pad_id=self.tokenizer.pad_id,
+                generator=self.generator,
+                on_token=stream,
+                **sampling,
+            )
             message = parse_assistant(self.tokenizer.decode(out.completions()[0]))
             message.pop("finished", None)
             message.pop("malformed_tool_call", None)
@@ -70,10 +85,16 @@ class ChatSession:
 
 def run(cfg: DictConfig) -> None:
     loaded = load_checkpoint(str(cfg.ckpt))
-    sampling = {"temperature": float(cfg.temperature), "top_k": cfg.top_k, "top_p": cfg.top_p,
-                "greedy": bool(cfg.greedy), "seed": cfg.seed}
-    session = ChatSession(loaded.model, loaded.tokenizer, cfg.system, bool(cfg.tools), int(cfg.max_new_tokens),
-                          sampling)
+    sampling = {
+        "temperature": float(cfg.temperature),
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "greedy": bool(cfg.greedy),
+        "seed": cfg.seed,
+    }
+    session = ChatSession(
+        loaded.model, loaded.tokenizer, cfg.system, bool(cfg.tools), int(cfg.max_new_tokens), sampling
+    )
     interactive = sys.stdin.isatty()
     print(f"stagelm chat ({loaded.stage} checkpoint). /reset starts over, /exit quits.", flush=True)
     while True:

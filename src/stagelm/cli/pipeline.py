@@ -41,8 +41,21 @@ UPSTREAM = {
     "grpo": ["ppo", "sft"],
 }
 # config groups of conf/train.yaml: per-stage keys not in this list are settings of the stage itself
-GROUP_KEYS = {"model", "data", "tokenizer", "trainer", "logger", "callbacks", "paths", "stage", "seed", "monitor",
-              "compile", "experiment", "debug"}
+GROUP_KEYS = {
+    "model",
+    "data",
+    "tokenizer",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "stage",
+    "seed",
+    "monitor",
+    "compile",
+    "experiment",
+    "debug",
+}
 
 
 @dataclass
@@ -108,7 +121,13 @@ def plan(cfg: DictConfig, out_dir: Path, model: str) -> list[StagePlan]:
                 raise SystemExit("error: stage ppo needs stage reward before it in `stages`")
             reward_model = str(out_dir / "reward" / "checkpoints" / "last.ckpt")
         settings = OmegaConf.to_container(cfg.get(name) or {}, resolve=True) or {}
-        overrides = [f"model={model}", *flatten("model", OmegaConf.to_container(cfg.model)), f"seed={cfg.seed}", *common, *stage_overrides(settings)]
+        overrides = [
+            f"model={model}",
+            *flatten("model", OmegaConf.to_container(cfg.model)),
+            f"seed={cfg.seed}",
+            *common,
+            *stage_overrides(settings),
+        ]
         upstream_keys = [plans[p].key for p in parents] + ([plans["reward"].key] if reward_model else [])
         key = hashlib.sha256(json.dumps([__version__, name, overrides, upstream_keys]).encode()).hexdigest()[:16]
         plans[name] = StagePlan(name, init_from, reward_model, overrides, key)
@@ -136,8 +155,17 @@ def run_stage(stage: StagePlan, out_dir: Path, logger: str, group: str) -> None:
             stage_dir.rename(backup)
     stage_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": stage.key, "status": "running", "overrides": stage.overrides}, indent=2))
-    command = [sys.executable, "-m", "stagelm.cli.train", f"stage={stage.name}", f"task_name={stage.name}",
-               f"hydra.run.dir={stage_dir}", f"logger={logger}", "validate_before=true", *stage.overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "stagelm.cli.train",
+        f"stage={stage.name}",
+        f"task_name={stage.name}",
+        f"hydra.run.dir={stage_dir}",
+        f"logger={logger}",
+        "validate_before=true",
+        *stage.overrides,
+    ]
     if stage.init_from:
         command.append(f"init_from={stage.init_from}")
     if stage.reward_model:

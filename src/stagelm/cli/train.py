@@ -78,8 +78,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resumed = read_checkpoint(cfg.ckpt_path)
         found = ModelConfig.from_dict(resumed["stagelm"]["model_config"])
         if found != model_config:
-            diffs = [f"{k}: expected {v}, found {found.to_dict()[k]}" for k, v in model_config.to_dict().items()
-                     if found.to_dict()[k] != v]
+            diffs = [
+                f"{k}: expected {v}, found {found.to_dict()[k]}"
+                for k, v in model_config.to_dict().items()
+                if found.to_dict()[k] != v
+            ]
             raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not fit the model: " + "; ".join(diffs))
         if hasattr(datamodule, "start_sample"):
             datamodule.start_sample = resumed.get("global_step", 0) * datamodule.batch_size
@@ -93,12 +96,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(module.run_config)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=instantiate_dict(cfg.get("callbacks")),
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=instantiate_dict(cfg.get("callbacks")),
         plugins=[AtomicCheckpointIO()],
     )
     n_params = sum(p.numel() for p in module.model.parameters())
-    log.info("model: %.2fM parameters (%.2fM active per token)", n_params / 1e6,
-             model_config.num_params(active_only=True) / 1e6)
+    log.info(
+        "model: %.2fM parameters (%.2fM active per token)",
+        n_params / 1e6,
+        model_config.num_params(active_only=True) / 1e6,
+    )
     before: dict[str, float] = {}
     if cfg.get("validate_before") and not cfg.get("ckpt_path"):
         # the headline metrics of the starting point, for before/after reports
@@ -115,11 +123,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if ckpt_cb is not None and ckpt_cb.last_model_path:
             log.info("checkpoints: last %s, best %s", ckpt_cb.last_model_path, ckpt_cb.best_model_path)
         log.info("outputs in %s", out)
-        summary = {"stage": module.stage_name, "before": before, "after": metrics,
-                   "wall_time_s": time.perf_counter() - started, "tokens_seen": module.tokens_seen,
-                   "global_step": trainer.global_step,
-                   "best_checkpoint": ckpt_cb.best_model_path if ckpt_cb is not None else None,
-                   "last_checkpoint": ckpt_cb.last_model_path if ckpt_cb is not None else None}
+        summary = {
+            "stage": module.stage_name,
+            "before": before,
+            "after": metrics,
+            "wall_time_s": time.perf_counter() - started,
+            "tokens_seen": module.tokens_seen,
+            "global_step": trainer.global_step,
+            "best_checkpoint": ckpt_cb.best_model_path if ckpt_cb is not None else None,
+            "last_checkpoint": ckpt_cb.last_model_path if ckpt_cb is not None else None,
+        }
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
         if cfg.get("print_samples") and hasattr(module, "sample_completions"):

@@ -200,9 +200,19 @@ class InstructDataModule(L.LightningDataModule):
         sampler = torch.utils.data.RandomSampler(
             self._train, replacement=True, num_samples=self.max_steps * self.batch_size * world, generator=generator
         )
-        return DataLoader(self._train, batch_size=self.batch_size, sampler=sampler,
-                          collate_fn=SFTCollator(self.tokenizer.pad_id), num_workers=self.num_workers, drop_last=True)
+        return DataLoader(
+            self._train,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=SFTCollator(self.tokenizer.pad_id),
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._val, batch_size=self.batch_size, collate_fn=SFTCollator(self.tokenizer.pad_id),
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self._val,
+            batch_size=self.batch_size,
+            collate_fn=SFTCollator(self.tokenizer.pad_id),
+            num_workers=self.num_workers,
+        )

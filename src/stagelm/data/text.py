@@ -165,7 +165,7 @@ class TextDataModule(L.LightningDataModule):
         tokens = tokenize_to_cache(self.documents() if not cache_file.exists() else [], self.tokenizer, cache_file)
         split = int(len(tokens) * (1 - self.val_fraction))
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
-        val_text = self.tokenizer.decode(self.val_tokens[: 200_000].tolist(), skip_special=True)
+        val_text = self.tokenizer.decode(self.val_tokens[:200_000].tolist(), skip_special=True)
         self.val_chars_per_token = max(len(val_text), 1) / min(len(self.val_tokens), 200_000)
 
     def train_dataloader(self) -> DataLoader:

@@ -107,7 +107,10 @@ class StageModule(L.LightningModule):
     # --- checkpoints --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["stagelm"] = stagelm_metadata(
-            self.model_config, self.tokenizer, self.stage_name, run_config=self.run_config,
+            self.model_config,
+            self.tokenizer,
+            self.stage_name,
+            run_config=self.run_config,
             tokens_seen=self.tokens_seen,
         )
 

@@ -22,16 +22,21 @@ from stagelm.stages.base import StageModule
 class SFTModule(StageModule):
     stage_name = "sft"
 
-    def __init__(self, *args: Any, eval_max_new_tokens: int = 64, eval_batch_size: int = 100,
-                 sample_rows: int = 8, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, eval_max_new_tokens: int = 64, eval_batch_size: int = 100, sample_rows: int = 8, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.eval_max_new_tokens, self.eval_batch_size, self.sample_rows = (
-            eval_max_new_tokens, eval_batch_size, sample_rows)
+            eval_max_new_tokens,
+            eval_batch_size,
+            sample_rows,
+        )
         self.val_loss = MeanMetric()
 
     def assistant_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.forward_model(batch["input_ids"])
@@ -62,8 +67,14 @@ class SFTModule(StageModule):
         conversations = self.trainer.datamodule.eval_set()
         if not conversations:
             return {}, []
-        replies = generate_replies(self.model, self.tokenizer, [c.prompt for c in conversations],
-                                   [c.tools for c in conversations], self.eval_max_new_tokens, self.eval_batch_size)
+        replies = generate_replies(
+            self.model,
+            self.tokenizer,
+            [c.prompt for c in conversations],
+            [c.tools for c in conversations],
+            self.eval_max_new_tokens,
+            self.eval_batch_size,
+        )
         correct = [answer_correct(r, c.answer, c.reference) for r, c in zip(replies, conversations)]
         well_formed = [format_ok(r) for r in replies]
         metrics = {"val/exact_match": sum(correct) / len(correct), "val/format_ok": sum(well_formed) / len(replies)}
@@ -73,6 +84,8 @@ class SFTModule(StageModule):
                 by_family[conv.family].append(ok)
         for family, oks in by_family.items():
             metrics[f"val/exact_match_{family}"] = sum(oks) / len(oks)
-        rows = [[c.prompt[-1].get("content", ""), r, c.reference, ok]
-                for c, r, ok in list(zip(conversations, replies, correct))[: self.sample_rows]]
+        rows = [
+            [c.prompt[-1].get("content", ""), r, c.reference, ok]
+            for c, r, ok in list(zip(conversations, replies, correct))[: self.sample_rows]
+        ]
         return metrics, rows
