@@ -35,7 +35,6 @@ def held_out_scores(checkpoint: Path, n: int = 200) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.ci
 def test_sft_lifts_exact_match_and_format(small_pretrain_checkpoint: Path, small_sft_checkpoint: Path) -> None:
     before = held_out_scores(small_pretrain_checkpoint)
     after = held_out_scores(small_sft_checkpoint)
