@@ -76,6 +76,15 @@ def small_sft_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_pretrai
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture(scope="session")
+def small_reward_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_sft_checkpoint: Path) -> Path:
+    from stagelm.cli.train import train
+
+    tmp = tmp_path_factory.mktemp("small_reward")
+    train(compose_train(tmp, "stage=reward", f"init_from={small_sft_checkpoint}"))
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
 def run_main_in_process(main, *args: str, cwd: Path):
     """Run a Hydra CLI's `main()` in this process (no interpreter start-up: ~10x faster than a subprocess) and
     return what a subprocess would: returncode, stdout, stderr."""
