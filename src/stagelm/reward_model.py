@@ -24,34 +24,66 @@ from stagelm.chat import Message, render
 from stagelm.checkpoint import load_checkpoint, load_weights_strict, read_checkpoint, submodule_state
 from stagelm.errors import CheckpointError
 from stagelm.generation import left_pad
+from stagelm.losses import sequence_logprobs, sum_by_sequence
 from stagelm.model import Transformer
-from stagelm.model.heads import ScalarHead, gather_last
-from stagelm.tokenizer import END_OF_TURN, Tokenizer
+from stagelm.model.heads import ScalarHead, gather_last, last_token_index
+from stagelm.tokenizer import ASSISTANT, END_OF_TURN, Tokenizer
 
 HEAD_PREFIX = "reward_head."  # where the reward stage saves its head in the checkpoint's state_dict
 
 
+class RewardHead(ScalarHead):
+    """The scalar head, optionally plus `lm_coef` x the reply's log-likelihood under the backbone's own LM head.
+
+    A head read at the last token must re-derive, in the layers after the reply, facts the LM head already scores
+    at every token (is "23 + 48 = 72" right?): a 4-layer model cannot compare its prediction at one position with
+    the token at the next one and carry the result to the end. The log-likelihood term hands that comparison to
+    the head for free, as DPO's implicit reward does (Rafailov et al. 2023); `lm_coef=None` is the plain head.
+    """
+
+    def __init__(self, d_model: int, init_std: float = 0.0, lm_coef: float | None = None) -> None:
+        super().__init__(d_model, init_std)
+        self.register_buffer("lm_coef", None if lm_coef is None else torch.tensor(float(lm_coef)))
+
+
+def reply_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, assistant_id: int) -> torch.Tensor:
+    """[B, T] bool: the real tokens after each row's last `<|assistant|>` (the reply being scored, `<|end|>` included).
+    Derived from the ids alone, so it holds for any padding and needs no prompt lengths."""
+    mask = attention_mask.bool()
+    start = last_token_index((input_ids == assistant_id) & mask)  # [B], -1 when there is none: all tokens count
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions[None] > start[:, None]) & mask
+
+
 def last_token_scores(
     backbone: nn.Module,
-    head: ScalarHead,
+    head: RewardHead,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    assistant_id: int,
     pass_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [B] read at each row's last real token, the backbone's MoE aux loss).
+    """(scores [B]: the head read at each row's last real token [+ lm_coef x the reply's log-likelihood], the
+    backbone's MoE aux loss).
 
     pass_mask=False runs the plain causal fast path, which is exact only for right-padded rows (the reward stage's
     batches): real tokens never attend to the padding after them and positions count from 0 anyway."""
+    use_lm = head.lm_coef is not None
     out = backbone(
-        input_ids, attention_mask=attention_mask if pass_mask else None, return_hidden=True, compute_logits=False
+        input_ids, attention_mask=attention_mask if pass_mask else None, return_hidden=True, compute_logits=use_lm
     )
-    return gather_last(head(out.hidden), attention_mask), out.aux_loss
+    scores = gather_last(head(out.hidden), attention_mask)
+    if use_lm:
+        reply = reply_positions(input_ids, attention_mask, assistant_id)[:, 1:]  # tokens predicted at t - 1
+        logp = sequence_logprobs(out.logits[:, :-1], input_ids[:, 1:], reply)
+        scores = scores + head.lm_coef * sum_by_sequence(logp, reply)
+    return scores, out.aux_loss
 
 
 class RewardModel(nn.Module):
     """A backbone and a scalar head that score a conversation's final reply; higher is preferred."""
 
-    def __init__(self, backbone: Transformer, head: ScalarHead, tokenizer: Tokenizer) -> None:
+    def __init__(self, backbone: Transformer, head: RewardHead, tokenizer: Tokenizer) -> None:
         super().__init__()
         self.backbone, self.head, self.tokenizer = backbone, head, tokenizer
 
@@ -62,8 +94,9 @@ class RewardModel(nn.Module):
         if stage != "reward":
             raise CheckpointError(f"{path} is not a reward model: expected stage 'reward', found '{stage}'")
         loaded = load_checkpoint(path, map_location)
-        head = ScalarHead(loaded.model_config.d_model)
-        load_weights_strict(head, submodule_state(loaded.state_dict, HEAD_PREFIX), str(path))
+        state = submodule_state(loaded.state_dict, HEAD_PREFIX)
+        head = RewardHead(loaded.model_config.d_model, lm_coef=float(state["lm_coef"]) if "lm_coef" in state else None)
+        load_weights_strict(head, state, str(path))
         return cls(loaded.model, head, loaded.tokenizer).eval()
 
     @property
@@ -74,7 +107,8 @@ class RewardModel(nn.Module):
         """input_ids, attention_mask [B, T] (any padding) -> scores [B] at each row's last real token."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        return last_token_scores(self.backbone, self.head, input_ids, attention_mask)[0]
+        assistant_id = self.tokenizer.token_id(ASSISTANT)
+        return last_token_scores(self.backbone, self.head, input_ids, attention_mask, assistant_id)[0]
 
     @torch.no_grad()
     def score_conversations(

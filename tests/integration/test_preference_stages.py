@@ -95,6 +95,7 @@ def test_reward_stage_runs_logs_and_reloads(tiny_sft: Path, tiny_reward: tuple[P
 def test_reward_model_api_scores_text_conversations_and_padded_batches(tiny_reward: tuple[Path, dict]) -> None:
     rm = RewardModel.load(tiny_reward[0])
     assert not rm.training and float(rm.head.proj.weight.detach().abs().sum()) > 0
+    assert float(rm.head.lm_coef) == 1.0  # the default: head + the reply's log-likelihood
     prompts = ["What is 2 + 3?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}]]
     replies = ["2 + 3 = 5.", "Hello.<|end|>"]
     scores = rm.score(prompts, replies)
@@ -187,7 +188,10 @@ def test_preference_stages_read_user_jsonl(tiny_sft: Path, tmp_path: Path) -> No
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
     ]
-    assert "val/accuracy" in train(compose_train(tmp_path / "rm", "stage=reward", *common))
+    # the plain head (no log-likelihood term) on user data
+    assert "val/accuracy" in train(compose_train(tmp_path / "rm", "stage=reward", *common, "stage.lm_coef=null"))
+    rm = RewardModel.load(tmp_path / "rm" / "run" / "checkpoints" / "last.ckpt")
+    assert rm.head.lm_coef is None and len(rm.score(["Say hi."], ["hi"])) == 1
     # only the pairs with an answer can be judged: the win rate is measured on those
     metrics = train(compose_train(tmp_path / "dpo", "stage=dpo", *common, "stage.eval_max_new_tokens=4"))
     assert "val/accuracy" in metrics

@@ -1,6 +1,8 @@
 """Stage 3a, the reward model: the SFT backbone with a scalar head read at the reply's last token, trained on
 preference pairs with the Bradley-Terry loss `-log sigmoid(r_chosen - r_rejected)` (InstructGPT, Ouyang et al.
 2022), optionally with a margin (Llama 2, Touvron et al. 2023) and a reward-centering term (Eisenstein et al. 2023).
+With `lm_coef`, the score adds lm_coef x the reply's log-likelihood under the backbone's own LM head (see
+`stagelm.reward_model.RewardHead` for why a small model needs it to judge correctness).
 
 Logs `train/loss`, `train/accuracy`, and on held-out pairs `val/accuracy` (pairs ranked right), `val/margin`
 (mean r_chosen - r_rejected), `val/reward_mean` and `val/reward_std` (over all replies), and for the built-in
@@ -17,20 +19,27 @@ import torch
 from torchmetrics import CatMetric, MeanMetric
 
 from stagelm.losses import bradley_terry_loss
-from stagelm.model.heads import ScalarHead
-from stagelm.reward_model import last_token_scores
+from stagelm.reward_model import RewardHead, last_token_scores
 from stagelm.stages.base import StageModule
+from stagelm.tokenizer import ASSISTANT
 
 
 class RewardModule(StageModule):
     stage_name = "reward"
 
     def __init__(
-        self, *args: Any, margin: float = 0.0, center_coef: float = 0.0, head_init_std: float = 0.0, **kwargs: Any
+        self,
+        *args: Any,
+        margin: float = 0.0,
+        center_coef: float = 0.0,
+        head_init_std: float = 0.0,
+        lm_coef: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.margin, self.center_coef = margin, center_coef
-        self.reward_head = ScalarHead(self.model_config.d_model, head_init_std)
+        self.reward_head = RewardHead(self.model_config.d_model, head_init_std, lm_coef)
+        self.assistant_id = self.tokenizer.token_id(ASSISTANT)
         self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric()
         self.val_rewards, self.val_correct, self.val_index = CatMetric(), CatMetric(), CatMetric()
 
@@ -41,7 +50,7 @@ class RewardModule(StageModule):
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         # the collator right-pads, so the plain causal path is exact (and much faster than a [B, 1, T, T] mask)
-        rewards, aux_loss = last_token_scores(model, self.reward_head, input_ids, mask, pass_mask=False)
+        rewards, aux_loss = last_token_scores(model, self.reward_head, input_ids, mask, self.assistant_id, False)
         r_chosen, r_rejected = rewards.chunk(2)
         return r_chosen, r_rejected, aux_loss
 
