@@ -15,14 +15,22 @@ from tests.conftest import run_main_in_process
 # small budgets so the tiny model finishes every stage in about a minute each on 2 cores
 TINY = [
     "model=tiny",
-    "pretrain.trainer.max_steps=300", "pretrain.trainer.val_check_interval=150", "pretrain.data.builtin_chars=400000",
+    "pretrain.trainer.max_steps=300",
+    "pretrain.trainer.val_check_interval=150",
+    "pretrain.data.builtin_chars=400000",
     "pretrain.data.block_size=64",
-    "sft.trainer.max_steps=150", "sft.trainer.val_check_interval=75", "sft.data.builtin_train=3000",
+    "sft.trainer.max_steps=150",
+    "sft.trainer.val_check_interval=75",
+    "sft.data.builtin_train=3000",
     "sft.data.eval_examples=60",
-    "reward.trainer.max_steps=60", "reward.trainer.val_check_interval=30",
-    "ppo.trainer.max_steps=6", "ppo.trainer.val_check_interval=3",
-    "dpo.trainer.max_steps=40", "dpo.trainer.val_check_interval=20",
-    "grpo.trainer.max_steps=6", "grpo.trainer.val_check_interval=3",
+    "reward.trainer.max_steps=60",
+    "reward.trainer.val_check_interval=30",
+    "ppo.trainer.max_steps=6",
+    "ppo.trainer.val_check_interval=3",
+    "dpo.trainer.max_steps=40",
+    "dpo.trainer.val_check_interval=20",
+    "grpo.trainer.max_steps=6",
+    "grpo.trainer.val_check_interval=3",
 ]
 
 
