@@ -162,10 +162,10 @@ def test_grpo_config_errors_are_clear(tmp_path: Path, tiny_sft: Path) -> None:
         train(compose_train(tmp_path, *TINY_GRPO, f"init_from={tiny_sft}", "+stage.rewards.bogus=1.0"))
     with pytest.raises(ConfigError, match="loss_aggregation"):
         train(compose_train(tmp_path, *TINY_GRPO, f"init_from={tiny_sft}", "stage.loss_aggregation=sum"))
-    with pytest.raises(ConfigError, match="max_seq_len=256"):
+    with pytest.raises(ConfigError, match="max_seq_len=512"):
         train(
             compose_train(
-                tmp_path, *TINY_GRPO, f"init_from={tiny_sft}", "trainer.max_steps=1", "stage.max_new_tokens=100"
+                tmp_path, *TINY_GRPO, f"init_from={tiny_sft}", "trainer.max_steps=1", "stage.max_new_tokens=400"
             )
         )
 

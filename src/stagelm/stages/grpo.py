@@ -28,7 +28,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import replace
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,9 +39,9 @@ from torchmetrics import MeanMetric
 
 from stagelm.errors import ConfigError
 from stagelm.generation import generate
-from stagelm.losses import group_advantages, grpo_loss, masked_mean
+from stagelm.losses import GRPOLoss, group_advantages, grpo_loss, masked_mean
 from stagelm.model import Transformer
-from stagelm.rewards import REWARD_FUNCTIONS, correctness_reward, format_reward, score_batch
+from stagelm.rewards import REWARD_FUNCTIONS, BatchRewards, correctness_reward, format_reward, score_batch
 from stagelm.rollout import Rollout, completion_logprobs, sample_rollouts
 from stagelm.stages.base import StageModule
 from stagelm.tokenizer import END_OF_TURN, Tokenizer
@@ -52,18 +53,60 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-def trim_rollout(rollout: Rollout) -> Rollout:
-    """Drop the completion columns after the longest reply: the sampler always returns max_new_tokens columns, and
-    a training forward over trailing padding would be wasted work."""
-    width = max(int(rollout.completion_mask.sum(1).max()), 1)
-    P = rollout.prompt_width
-    return replace(
-        rollout,
-        input_ids=rollout.input_ids[:, : P + width],
-        attention_mask=rollout.attention_mask[:, : P + width],
-        completion_mask=rollout.completion_mask[:, :width],
-        logprobs=rollout.logprobs[:, :width],
+def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The given rows of a rollout, with the columns that are padding in every one of them dropped (leading prompt
+    padding, trailing completion padding: the sampler pads to the longest prompt and to max_new_tokens). Positions
+    count real tokens only, so the forward pass over what is left computes the same log-probs."""
+    prompt_mask = rollout.attention_mask[rows, : rollout.prompt_width]
+    start = int(prompt_mask.any(0).nonzero()[0]) if prompt_mask.any() else 0
+    width = max(int(rollout.completion_mask[rows].sum(1).max()), 1)
+    end = rollout.prompt_width + width
+    return Rollout(
+        input_ids=rollout.input_ids[rows, start:end],
+        attention_mask=rollout.attention_mask[rows, start:end],
+        completion_mask=rollout.completion_mask[rows, :width],
+        logprobs=rollout.logprobs[rows, :width],
+        finished=rollout.finished[rows],
+        prompt_width=rollout.prompt_width - start,
+        replies=[rollout.replies[i] for i in rows.tolist()],
     )
+
+
+@dataclass
+class MicroBatch:
+    rollout: Rollout  # some rows of the batch's rollout, their all-padding columns dropped
+    advantages: torch.Tensor  # [rows]
+    weight: float  # its share of the batch's loss: rows / B (grpo, dr_grpo) or tokens / all tokens (dapo)
+
+
+class PassStats:
+    """Token-weighted statistics of one optimisation pass over the micro-batches, for logging."""
+
+    def __init__(self) -> None:
+        self.loss, self.tokens, self.max_diff, self.aux_loss = 0.0, 0, 0.0, 0.0
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add(
+        self,
+        chunk: MicroBatch,
+        result: GRPOLoss,
+        logp: torch.Tensor,
+        entropy: torch.Tensor,
+        aux_loss: torch.Tensor,
+        n_chunks: int,
+    ) -> None:
+        mask = chunk.rollout.completion_mask
+        n = int(mask.sum())
+        self.loss += float(result.loss.detach()) * chunk.weight
+        self.aux_loss += float(aux_loss) / n_chunks
+        self.tokens += n
+        for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "kl"):
+            self.sums[name] += float(getattr(result, name)) * n
+        self.sums["entropy"] += float(masked_mean(entropy, mask)) * n
+        self.max_diff = max(self.max_diff, float(((logp - chunk.rollout.logprobs).abs() * mask).max()))
+
+    def mean(self, name: str) -> float:
+        return self.sums[name] / max(self.tokens, 1)
 
 
 @torch.no_grad()
@@ -124,6 +167,8 @@ class GRPOModule(StageModule):
         scale_rewards: str = "group",
         placebo: bool = False,
         max_grad_norm: float | None = 1.0,
+        micro_batch_size: int | None = None,
+        skip_zero_advantage: bool = True,
         seed: int = 0,
         eval_max_new_tokens: int = 96,
         eval_temperature: float = 1.0,
@@ -153,6 +198,7 @@ class GRPOModule(StageModule):
         self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
         self.loss_aggregation, self.scale_rewards, self.placebo = loss_aggregation, scale_rewards, placebo
         self.max_grad_norm, self.seed = max_grad_norm, seed
+        self.micro_batch_size, self.skip_zero_advantage = micro_batch_size, skip_zero_advantage
         self.eval_max_new_tokens, self.eval_temperature = eval_max_new_tokens, eval_temperature
         self.pass_k, self.pass_k_examples, self.sample_rows = pass_k, pass_k_examples, sample_rows
         # The reference is the starting policy: a frozen copy taken right after init_from was loaded (on resume too,
@@ -180,8 +226,28 @@ class GRPOModule(StageModule):
         # uninterrupted one would have.
         return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + offset)
 
+    def micro_batches(self, rollout: Rollout, advantages: torch.Tensor) -> list[MicroBatch]:
+        """The rows to train on, sorted by prompt length and cut into micro-batches of micro_batch_size rows (all in
+        one without it), each weighted so that the summed losses equal the whole batch's loss.
+
+        Without a KL term a reply whose advantage is 0 (its group's rewards were all equal) adds exactly nothing to
+        the loss, so it is left out of the forward pass (as DAPO's dynamic sampling drops such groups); sorting by
+        prompt length keeps the left padding of each micro-batch small."""
+        B, P = len(advantages), rollout.prompt_width
+        rows = torch.arange(B, device=advantages.device)
+        if self.skip_zero_advantage and self.beta == 0 and bool((advantages != 0).any()):
+            rows = (advantages != 0).nonzero().squeeze(1)
+        prompt_lengths = rollout.attention_mask[:, :P].sum(1)
+        rows = rows[torch.argsort(prompt_lengths[rows], stable=True)]
+        all_tokens = rollout.completion_mask.sum().clamp(min=1)
+        chunks = []
+        for part in rows.split(self.micro_batch_size or B):
+            sub = select_rows(rollout, part)
+            share = sub.completion_mask.sum() / all_tokens if self.loss_aggregation == "dapo" else len(part) / B
+            chunks.append(MicroBatch(sub, advantages[part], float(share)))
+        return chunks
+
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
-        optimizer, schedule = self.optimizers(), self.lr_schedulers()
         generator = self._generator(self.global_step)
         started = time.perf_counter()
         rollout = sample_rollouts(
@@ -194,7 +260,7 @@ class GRPOModule(StageModule):
             generator=generator,
         )
         sampled_in = time.perf_counter() - started
-        answers = [a for a in batch["answers"] for _ in range(self.G)]
+        answers = [a for a in batch["answers"] for _ in range(self.G)]  # rows are prompt-major
         scored = score_batch(
             rollout.replies,
             answers,
@@ -202,9 +268,9 @@ class GRPOModule(StageModule):
             options=self.reward_options,
             time_limit=self.reward_time_limit,
         )
-        if scored.first_failure and (scored.errors or scored.timeouts):
+        if scored.errors or scored.timeouts:
             log.warning(
-                "grpo: %d reward error(s), %d timeout(s); first: %s",
+                "grpo: %d reward error(s), %d timeout(s) scored 0; first: %s",
                 scored.errors,
                 scored.timeouts,
                 scored.first_failure,
@@ -212,76 +278,90 @@ class GRPOModule(StageModule):
         rewards = torch.tensor(scored.totals, dtype=torch.float32, device=self.device)  # [B*G]
         trained_on = rewards
         if self.placebo:  # the control run: same samples, rewards detached from the replies they belong to
-            permutation = torch.randperm(len(rewards), generator=generator, device=self.device)
-            trained_on = rewards[permutation]
+            trained_on = rewards[torch.randperm(len(rewards), generator=generator, device=self.device)]
         advantages = group_advantages(trained_on, self.G, self.scale_rewards)  # [B*G]
+        chunks = self.micro_batches(rollout, advantages)
+        passes = self.optimise(chunks)
+        self.log_step(rollout, scored, rewards, answers, chunks, passes, sampled_in)
 
-        rollout = trim_rollout(rollout)
-        mask = rollout.completion_mask
-        ref_logp = None
+    def optimise(self, chunks: list[MicroBatch]) -> list[PassStats]:
+        """mu passes over the batch, one optimizer step each, the sampler's log-probs standing for the old policy."""
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        ref_logps: list[torch.Tensor | None] = [None] * len(chunks)
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logp = completion_logprobs(self.ref_model, rollout, self.temperature)[0]
-        results = []
-        for step in range(self.mu):
-            logp, entropy, out = completion_logprobs(self.forward_model, rollout, self.temperature)
-            if step == 0:
-                max_diff = ((logp.detach() - rollout.logprobs).abs() * mask).max()
-                mean_entropy = masked_mean(entropy.detach(), mask)
-            result = grpo_loss(
-                logp,
-                rollout.logprobs,
-                ref_logp,
-                advantages,
-                mask,
-                self.epsilon_low,
-                self.epsilon_high,
-                self.beta,
-                self.loss_aggregation,
-                max_length=self.max_new_tokens,
-            )
+                ref_logps = [completion_logprobs(self.ref_model, c.rollout, self.temperature)[0] for c in chunks]
+        passes = []
+        for _ in range(self.mu):
             optimizer.zero_grad()
-            self.manual_backward(result.loss + out.aux_loss)
+            stats = PassStats()
+            for chunk, ref_logp in zip(chunks, ref_logps):
+                logp, entropy, out = completion_logprobs(self.forward_model, chunk.rollout, self.temperature)
+                result = grpo_loss(
+                    logp,
+                    chunk.rollout.logprobs,
+                    ref_logp,
+                    chunk.advantages,
+                    chunk.rollout.completion_mask,
+                    self.epsilon_low,
+                    self.epsilon_high,
+                    self.beta,
+                    self.loss_aggregation,
+                    max_length=self.max_new_tokens,
+                )
+                # weighted by the chunk's share, the micro-batches' gradients add up to the whole batch's
+                self.manual_backward(result.loss * chunk.weight + out.aux_loss / len(chunks))
+                stats.add(chunk, result, logp.detach(), entropy.detach(), out.aux_loss.detach(), len(chunks))
             if self.max_grad_norm:
                 self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
             schedule.step()
-            results.append(result)
+            passes.append(stats)
+        return passes
 
-        lengths = mask.sum(1).float()
+    def log_step(
+        self,
+        rollout: Rollout,
+        scored: BatchRewards,
+        rewards: torch.Tensor,
+        answers: list[str],
+        chunks: list[MicroBatch],
+        passes: list[PassStats],
+        sampled_in: float,
+    ) -> None:
+        lengths = rollout.completion_mask.sum(1).float()
         grouped = rewards.view(-1, self.G)
-        per_function = scored.means()
-        accuracy = (
-            scored.per_function["correctness"]
-            if "correctness" in scored.per_function
-            else [correctness_reward(r, a) for r, a in zip(rollout.replies, answers)]
-        )
+        correct = scored.per_function.get("correctness") or [
+            correctness_reward(r, a) for r, a in zip(rollout.replies, answers)
+        ]
         metrics = {
-            "grpo/loss": torch.stack([r.loss.detach() for r in results]).mean(),
-            "grpo/reward_std": rewards.std() if len(rewards) > 1 else torch.zeros(()),
-            "grpo/accuracy": sum(a == 1.0 for a in accuracy) / len(accuracy),
+            "grpo/loss": sum(p.loss for p in passes) / len(passes),
+            "grpo/reward_std": rewards.std(),
+            "grpo/accuracy": sum(c == 1.0 for c in correct) / len(correct),
             "grpo/zero_std_frac": (grouped.amax(1) == grouped.amin(1)).float().mean(),
             "grpo/completion_len_mean": lengths.mean(),
             "grpo/completion_len_max": lengths.max(),
             "grpo/truncated_frac": 1 - rollout.finished.float().mean(),
             # over all passes: the first is on-policy (ratio 1), only later passes can clip
-            "grpo/clip_ratio": torch.stack([r.clip_ratio for r in results]).mean(),
-            "grpo/clip_ratio_low": torch.stack([r.clip_ratio_low for r in results]).mean(),
-            "grpo/clip_ratio_high": torch.stack([r.clip_ratio_high for r in results]).mean(),
-            "grpo/entropy": mean_entropy,
-            "grpo/logprob_max_diff": max_diff,
+            "grpo/clip_ratio": sum(p.mean("clip_ratio") for p in passes) / len(passes),
+            "grpo/clip_ratio_low": sum(p.mean("clip_ratio_low") for p in passes) / len(passes),
+            "grpo/clip_ratio_high": sum(p.mean("clip_ratio_high") for p in passes) / len(passes),
+            # the first pass scores the policy that sampled the batch: its log-probs must be the sampler's
+            "grpo/entropy": passes[0].mean("entropy"),
+            "grpo/logprob_max_diff": passes[0].max_diff,
+            "grpo/trained_frac": sum(len(c.rollout) for c in chunks) / len(rewards),
             "grpo/reward_errors": float(scored.errors),
             "grpo/reward_timeouts": float(scored.timeouts),
             "grpo/sample_seconds": sampled_in,
-            "train/aux_loss": out.aux_loss.detach(),
-            "train/lr": optimizer.param_groups[0]["lr"],
+            "train/aux_loss": passes[-1].aux_loss,
+            "train/lr": self.optimizers().param_groups[0]["lr"],
         }
-        metrics.update({f"grpo/reward_{name}": value for name, value in per_function.items() if name != "total"})
-        if ref_logp is not None:
-            metrics["grpo/kl"] = results[0].kl  # of the policy that sampled this batch
+        metrics.update({f"grpo/reward_{name}": v for name, v in scored.means().items() if name != "total"})
+        if self.ref_model is not None:
+            metrics["grpo/kl"] = passes[0].mean("kl")  # of the policy that sampled this batch
         self.log_dict(metrics, batch_size=len(rewards))
         self.log("grpo/reward_mean", rewards.mean(), prog_bar=True, batch_size=len(rewards))
-        self.log_throughput(int(mask.sum()))
+        self.log_throughput(int(rollout.completion_mask.sum()))
 
     # --- validation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
