@@ -15,8 +15,8 @@ Logs `train/loss`, `train/rewards_chosen`, `train/rewards_rejected` (implicit re
 `train/margin`, `train/accuracy`; on held-out pairs `val/loss`, `val/accuracy` (the implicit reward ranks the pair
 right), `val/margin`; and by greedy generation on held-out prompts, judged by the small world's true preference
 (`world.judge`) against the SFT reference's greedy replies: `val/win_rate_vs_sft` (ties count half),
-`val/judge_score` (and `val/judge_score_sft`), with a table of sample replies. The reference is rebuilt from
-`init_from`, never saved in checkpoints.
+`val/judge_score` (and `val/judge_score_sft`), `val/correct` (and `val/correct_sft`: right final answers), with a
+table of sample replies. The reference is rebuilt from `init_from`, never saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -199,20 +199,29 @@ class DPOModule(StageModule):
         replies = generate_replies(
             self.model, self.tokenizer, prompts, tools, self.eval_max_new_tokens, self.eval_batch_size
         )
-        scores = [world.judge(p.judge_input, parse_assistant(r)["content"]) for p, r in zip(pairs, replies)]
-        sft = [world.judge(p.judge_input, parse_assistant(r)["content"]) for p, r in zip(pairs, self._sft_replies)]
+        judged = [_judge(p, r) for p, r in zip(pairs, replies)]
+        judged_sft = [_judge(p, r) for p, r in zip(pairs, self._sft_replies)]
+        scores, sft = [j["score"] for j in judged], [j["score"] for j in judged_sft]
         wins = [1.0 if s > b + 1e-9 else 0.5 if abs(s - b) <= 1e-9 else 0.0 for s, b in zip(scores, sft)]
+        n = len(pairs)
         metrics = {
-            "val/win_rate_vs_sft": sum(wins) / len(wins),
-            "val/judge_score": sum(scores) / len(scores),
-            "val/judge_score_sft": sum(sft) / len(sft),
-            "val/format_ok": sum(map(format_ok, replies)) / len(replies),
+            "val/win_rate_vs_sft": sum(wins) / n,
+            "val/judge_score": sum(scores) / n,
+            "val/judge_score_sft": sum(sft) / n,
+            # the judge's parts: most of what separates two well-formed replies is whether the answer is right
+            "val/correct": sum(j["correct"] for j in judged) / n,
+            "val/correct_sft": sum(j["correct"] for j in judged_sft) / n,
+            "val/format_ok": sum(map(format_ok, replies)) / n,
         }
         rows = [
             [p.prompt[-1].get("content", ""), r, b, round(s, 3), round(sb, 3)]
             for p, r, b, s, sb in list(zip(pairs, replies, self._sft_replies, scores, sft))[: self.sample_rows]
         ]
         return metrics, rows
+
+
+def _judge(pair: PreferencePair, reply: str) -> dict[str, float]:
+    return world.judge_breakdown(pair.judge_input, parse_assistant(reply)["content"])
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
