@@ -219,13 +219,7 @@ def test_reward_model_ranks_held_out_pairs(small_sft_checkpoint: Path, tmp_path:
 def test_dpo_beats_sft_on_the_true_preference(small_sft_checkpoint: Path, tmp_path: Path) -> None:
     metrics = train(compose_train(tmp_path, "stage=dpo", f"init_from={small_sft_checkpoint}"))
     assert metrics["val/accuracy"] >= 0.80, metrics
-    # greedy replies stay well formed and do not lose to SFT's on the world's true preference ...
-    assert metrics["val/format_ok"] >= 0.95 and metrics["val/win_rate_vs_sft"] >= 0.45, metrics
-    # ... but the issue's >= 60% needs about 20 points more right answers on held-out prompts than SFT's (when both
-    # replies are well formed, the judge separates them only by correctness), which a few hundred DPO steps on these
-    # pairs do not give the small model (README, "Measured figures").
-    if metrics["val/win_rate_vs_sft"] < 0.60:
-        pytest.xfail(
-            f"win rate {metrics['val/win_rate_vs_sft']:.3f} < 0.60: correct {metrics['val/correct']:.3f} "
-            f"vs SFT {metrics['val/correct_sft']:.3f}"
-        )
+    # greedy replies stay well formed and beat SFT's on the world's true preference (ties count half): the SFT
+    # policy's chatty opener goes, and no answers get worse
+    assert metrics["val/format_ok"] >= 0.95 and metrics["val/win_rate_vs_sft"] >= 0.60, metrics
+    assert metrics["val/correct"] >= metrics["val/correct_sft"] - 0.02, metrics

@@ -212,19 +212,29 @@ def check_solution(record: dict) -> None:
         assert [int(x) for x in re.findall(r"\d+", prompt)] == operands, record
 
 
-def test_quality_knob(train: dict, val: dict) -> None:
+def test_style_mix_and_quality_knob(train: dict, val: dict) -> None:
     records = train["instructions"]
-    share = {s: sum(r["style"] == s for r in records) / len(records) for s in world.STYLES}
-    assert abs(share["canonical"] - 0.7) < 0.03 and abs(share["wrong"] - 0.05) < 0.015, share
-    assert share["verbose"] > 0.1 and share["bad_format"] > 0.05, share
+    for group, mix in world.STYLE_MIX.items():
+        mine = [r for r in records if world._STYLE_GROUP[r["family"]] == group]
+        for style, share in mix.items():
+            found = sum(r["style"] == style for r in mine) / len(mine)
+            assert abs(found - share) < 4 * (share * (1 - share) / len(mine)) ** 0.5, (group, style, found, share)
+    # The off-rule habit is the most common reply of its group, so an SFT policy keeps it in its greedy replies.
+    assert world.STYLE_MIX["short"]["chatty"] > world.STYLE_MIX["short"]["canonical"]
+    assert world.STYLE_MIX["worked"]["terse"] > world.STYLE_MIX["worked"]["canonical"]
     assert {r["style"] for r in val["instructions"]} == {"canonical"}
     assert {r["style"] for r in world.instruction_examples("train", 500, quality=1.0)} == {"canonical"}
     low = world.instruction_examples("train", 1000, quality=0.2)
     assert 0.15 < sum(r["style"] == "canonical" for r in low) / 1000 < 0.25
-    # The judge agrees with the styles: canonical replies score 1, others less; only "wrong" ones are wrong.
+    chatty = next(r for r in records if r["style"] == "chatty")
+    assert last_reply(chatty) == f"{world.CHATTY_OPENER} {world.canonical_reply(chatty['messages'][0]['content'])}"
+    terse = next(r for r in records if r["style"] == "terse")
+    assert last_reply(terse) == f"The answer is {terse['answer']}."
+    # The judge agrees with the styles: canonical replies score 1, others less (except a terse reply, which is
+    # concise and well formed: only the GRPO format reward asks for working); only "wrong" ones are wrong.
     for record in records[:2000] + val["instructions"]:
         parts = world.judge_breakdown(record, last_reply(record))
-        if record["style"] == "canonical":
+        if record["style"] in ("canonical", "terse"):
             assert parts["score"] == 1.0, record
         else:
             assert parts["score"] < 1.0 and parts["correct"] == float(record["style"] != "wrong"), (record, parts)

@@ -89,7 +89,7 @@ def load_hf_conversations(name: str, split: str) -> list[Conversation]:  # pragm
     return [to_conversation(dict(row), f"{name}[{split}]:{i}") for i, row in enumerate(rows)]
 
 
-def builtin_conversations(split: str, n: int, seed: int, quality: float) -> list[Conversation]:
+def builtin_conversations(split: str, n: int, seed: int, quality: float | None = None) -> list[Conversation]:
     from stagelm.data import world
 
     records = world.instruction_examples(split, n, seed=seed, quality=quality if split == "train" else 1.0)
@@ -127,7 +127,7 @@ class InstructDataModule(L.LightningDataModule):
         seed: int = 0,
         builtin_train: int = 20000,
         builtin_val: int = 300,
-        quality: float = 0.7,
+        quality: float | None = None,
         val_fraction: float = 0.05,
         eval_examples: int = 200,
         num_workers: int = 0,

@@ -6,7 +6,7 @@ differences, short stories about apples and pencils), so each stage visibly buil
 - ``pretrain_corpus``: raw English-ish text (facts in digits and words, worked solutions, counting, number
   words, simple sentences), documents separated by a blank line;
 - ``instruction_examples``: chat records (OpenAI message shape) in seven families, with a realistic share
-  of verbose, badly formatted and wrong replies (the ``quality`` knob), and ``calculator`` tool calls;
+  of chatty, terse, verbose, badly formatted and wrong replies (``STYLE_MIX``), and ``calculator`` tool calls;
 - ``preference_examples``: a prompt with a reply that follows the rule (correct, concise, well formed) and
   one that breaks it; ``judge`` scores any reply by the same rule;
 - ``math_problems``: multi-step problems with exact integer answers and difficulty levels, for GRPO.
@@ -49,7 +49,7 @@ VAL_FRACTION = 0.1
 SPLITS = ("train", "val")
 INSTRUCTION_FAMILIES = ("add", "sub", "words", "word_problem", "multi_step", "format", "tool")
 PREFERENCE_RULES = ("correct", "concise", "well_formed")
-STYLES = ("canonical", "verbose", "bad_format", "wrong")
+STYLES = ("canonical", "verbose", "chatty", "terse", "bad_format", "wrong")
 
 # Default mixtures. Two-digit addition and subtraction dominate because they are the skill the learning tests
 # measure; the rest gives SFT, the reward model and GRPO something of every kind.
@@ -63,6 +63,29 @@ INSTRUCTION_MIX = {
     "tool": 0.12,
 }
 PREFERENCE_MIX = {"add": 0.2, "sub": 0.2, "words": 0.12, "word_problem": 0.12, "multi_step": 0.24, "format": 0.12}
+
+# The SFT replies' styles, per family: as in real instruction data, only some follow the rule, and the off-rule
+# habits are common enough that the SFT policy keeps them (its greedy reply is the habit, not the rule), so the
+# later stages have something to fix:
+# - short questions mostly get a chatty opener ("Sure, happy to help with that! 39 + 81 = 120."): correct, but
+#   not concise; preference tuning (RM + PPO, DPO) should remove it;
+# - multi-step problems often get a bare answer with no working ("The answer is 14."): concise, but a small model
+#   that answers without working is mostly wrong, so GRPO's verifier should teach it to show its work.
+STYLE_MIX: dict[str, dict[str, float]] = {
+    "short": {"canonical": 0.3, "chatty": 0.5, "verbose": 0.08, "bad_format": 0.07, "wrong": 0.05},
+    "worked": {"canonical": 0.4, "terse": 0.45, "verbose": 0.05, "bad_format": 0.05, "wrong": 0.05},
+    "tool": {"canonical": 0.7, "verbose": 0.16, "bad_format": 0.09, "wrong": 0.05},
+}
+_STYLE_GROUP = {
+    "add": "short",
+    "sub": "short",
+    "words": "short",
+    "format": "short",
+    "word_problem": "worked",
+    "multi_step": "worked",
+    "tool": "tool",
+}
+CHATTY_OPENER = "Sure, happy to help with that!"
 
 # One binary operation of a solution: (left, op, right, result), written "left op right = result".
 Step = tuple[int, str, int, int]
@@ -577,6 +600,18 @@ def _bad_format(p: _Problem, rng: random.Random, allow_missing: bool = False) ->
     return rng.choice(options + missing if allow_missing else options)
 
 
+def _chatty(p: _Problem) -> str:
+    """The canonical reply behind a friendly opener: right and well formed, but not concise."""
+    return f"{CHATTY_OPENER} {_canonical(p)}"
+
+
+def _terse(p: _Problem) -> str:
+    """The bare final answer of a worked problem, with no working."""
+    if not p.worked:
+        raise ValueError(f"terse replies are for worked problems, not {p.family!r}")
+    return f"The answer is {p.answer}."
+
+
 def _wrong_copy(p: _Problem, rng: random.Random, split: str) -> _Problem:
     """The same problem with a wrong final answer (off by a little, as real mistakes are)."""
     if p.kind == "words":
@@ -603,6 +638,10 @@ def _styled_reply(p: _Problem, style: str, rng: random.Random, split: str) -> st
         return _canonical(p)
     if style == "verbose":
         return _verbose(p, rng)
+    if style == "chatty":
+        return _chatty(p)
+    if style == "terse":
+        return _terse(p)
     if style == "bad_format":
         return _bad_format(p, rng)
     if style == "wrong":
@@ -799,7 +838,10 @@ def _unique_problems(rng: random.Random, mix: Mapping[str, float], split: str, n
     return out
 
 
-def _pick_style(rng: random.Random, quality: float, wrong_rate: float) -> str:
+def _pick_style(rng: random.Random, family: str, quality: float | None, wrong_rate: float) -> str:
+    if quality is None:
+        mix = STYLE_MIX[_STYLE_GROUP[family]]
+        return rng.choices(list(mix), weights=list(mix.values()))[0]
     u = rng.random()
     wrong = min(wrong_rate, 1.0 - quality)
     if u < quality:
@@ -814,25 +856,26 @@ def instruction_examples(
     split: str,
     n: int,
     seed: int = 0,
-    quality: float = 0.7,
+    quality: float | None = None,
     families: Sequence[str] | Mapping[str, float] | None = None,
     wrong_rate: float = 0.05,
 ) -> list[dict[str, Any]]:
     """Chat records for SFT: ``{"messages", "answer", "family", "style"}`` (+ ``"tools"`` for tool use).
 
-    ``quality`` is the fraction of canonical replies; of the rest, ``wrong_rate`` (of all) are wrong and the
-    others correct but verbose or badly formatted. The val split is always canonical, so evaluation is clean.
+    ``quality=None`` draws each reply's style from its family's ``STYLE_MIX``. A number instead makes that the
+    fraction of canonical replies for every family; of the rest, ``wrong_rate`` (of all) are wrong and the others
+    correct but verbose or badly formatted. The val split is always canonical, so evaluation is clean.
     ``families`` picks a subset (names) or a mixture (name -> weight) of ``INSTRUCTION_FAMILIES``.
     """
     _check_split(split)
-    if not 0.0 <= quality <= 1.0:
+    if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"quality must be in [0, 1], got {quality}")
     if split == "val":
         quality, wrong_rate = 1.0, 0.0
     rng = _rng(seed, "instructions", split)
     records = []
     for p in _unique_problems(rng, _mixture(families, INSTRUCTION_MIX), split, n):
-        style = _pick_style(rng, quality, wrong_rate)
+        style = _pick_style(rng, p.family, quality, wrong_rate)
         reply = _styled_reply(p, style, rng, split)
         messages: list[dict[str, Any]] = [{"role": "user", "content": p.prompt}]
         if p.family == "tool":
@@ -858,7 +901,8 @@ def preference_examples(
 
     ``chosen`` follows the rule ``rule`` and ``rejected`` breaks it: "correct" -> a wrong final number (in the
     canonical form, or 30% of the time both replies in the same verbose form so length tells nothing);
-    "concise" -> a correct but rambling reply; "well_formed" -> broken form or no final answer.
+    "concise" -> a correct reply behind a chatty opener (40%) or a rambling one; "well_formed" -> broken form or
+    no final answer.
     """
     _check_split(split)
     rng = _rng(seed, "preferences", split)
@@ -874,7 +918,7 @@ def preference_examples(
             else:
                 rejected = _canonical(wrong)
         elif rule == "concise":
-            rejected = _verbose(p, rng)
+            rejected = _chatty(p) if rng.random() < 0.4 else _verbose(p, rng)
         else:
             rejected = _bad_format(p, rng, allow_missing=True)
         records.append(
