@@ -193,31 +193,24 @@ def test_ppo_without_reward_model_or_init_from_is_a_clear_error(
         train(compose_train(tmp_path, *TINY_PPO, f"init_from={sft}", f"reward_model={rm}", "stage.value_init=zeros"))
 
 
-def check_ppo_learning(tmp_path: Path, sft: Path, reward: Path) -> dict[str, float]:
-    """PPO with the stage's defaults from a small SFT model and its reward model; returns the final metrics after
-    asserting what PPO must achieve with any reward model trained on the built-in pairs."""
-    metrics = train(compose_train(tmp_path, "stage=ppo", f"init_from={sft}", f"reward_model={reward}"))
-    target_kl = compose_train(tmp_path, "stage=ppo").stage.target_kl
-    # what the reward model sees (form: concise, well formed, finished) improves in the policy's samples ...
-    assert metrics["val/rm_score_gain_sd_sampled"] >= 0.2, metrics
-    assert metrics["val/no_eos_fraction_sampled"] <= metrics["val/no_eos_fraction_sft_sampled"], metrics
-    # ... close to the reference, without losing to the SFT policy on the world's true preference
-    assert metrics["val/kl"] < target_kl and metrics["val/kl_sampled"] < target_kl, metrics
-    assert metrics["val/win_rate_vs_sft_sampled"] >= 0.5, metrics
-    assert metrics["val/win_rate_vs_sft"] >= 0.4, metrics
-    return metrics
-
-
 @pytest.mark.slow
 def test_ppo_raises_the_reward_without_hacking_it(
     tmp_path: Path, small_sft_checkpoint: Path, small_reward_checkpoint: Path
 ) -> None:
-    metrics = check_ppo_learning(tmp_path, small_sft_checkpoint, small_reward_checkpoint)
-    # The issue's thresholds, on greedy replies to held-out prompts: RM score up by >= 1 SD of the SFT policy's
-    # scores, KL below target, and a true-preference win rate >= 60% (ties half). They need a reward model that
-    # sees correctness: the built-in one learns form (concise / well_formed pairs ~100%) but not arithmetic
-    # (correct pairs ~55%), and the SFT policy's greedy replies are already well formed (judge 0.84, all of its
-    # misses wrong answers), so PPO has nothing the reward model can see to improve there.
-    gain, win = metrics["val/rm_score_gain_sd"], metrics["val/win_rate_vs_sft"]
-    if gain < 1.0 or win < 0.6:
-        pytest.xfail(f"greedy thresholds need a correctness-aware reward model: gain {gain:.2f} SD, win rate {win:.2f}")
+    """The issue's thresholds with the stage's defaults, on greedy replies to held-out prompts: the reward-model
+    score rises by >= 1 SD of the SFT policy's scores, KL stays below its target, and the world's true preference
+    (not the reward model) prefers the PPO replies to SFT's >= 60% of the time, ties counting half."""
+    metrics = train(
+        compose_train(
+            tmp_path, "stage=ppo", f"init_from={small_sft_checkpoint}", f"reward_model={small_reward_checkpoint}"
+        )
+    )
+    target_kl = compose_train(tmp_path, "stage=ppo").stage.target_kl
+    assert metrics["val/rm_score_gain_sd"] >= 1.0, metrics
+    assert metrics["val/kl"] < target_kl and metrics["val/kl_sampled"] < target_kl, metrics
+    assert metrics["val/win_rate_vs_sft"] >= 0.60, metrics
+    # the reward was not hacked: the judge's mean score rises too, and replies still end
+    assert metrics["val/true_preference"] > metrics["val/true_preference_sft"], metrics
+    assert metrics["val/no_eos_fraction"] <= metrics["val/no_eos_fraction_sft"], metrics
+    # the same holds, more weakly, for replies sampled like the rollouts
+    assert metrics["val/rm_score_gain_sd_sampled"] >= 0.3 and metrics["val/win_rate_vs_sft_sampled"] >= 0.55, metrics
