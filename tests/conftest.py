@@ -56,12 +56,26 @@ def shakespeare() -> Path:
 
 # --- small-model checkpoints on the built-in world, trained once per test session (learning tests only) ---------
 # The stage configs' defaults are the recipe: the same commands a user runs, and the pipeline runs.
+# STAGELM_SMALL_CKPTS=DIR reuses checkpoints made by those commands (DIR/{pretrain,sft,reward}_small.ckpt) instead
+# of training them again: about 11 minutes saved when iterating on a later stage.
+SMALL_CKPTS = os.environ.get("STAGELM_SMALL_CKPTS")
+
+
+def _reused(stage: str) -> Path | None:
+    if not SMALL_CKPTS:
+        return None
+    path = Path(SMALL_CKPTS) / f"{stage}_small.ckpt"
+    if not path.is_file():
+        pytest.fail(f"STAGELM_SMALL_CKPTS is set but {path} does not exist")
+    return path
 
 
 @pytest.fixture(scope="session")
 def small_pretrain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stagelm.cli.train import train
 
+    if reused := _reused("pretrain"):
+        return reused
     tmp = tmp_path_factory.mktemp("small_pretrain")
     train(compose_train(tmp, "stage=pretrain", "model=small"))
     return tmp / "run" / "checkpoints" / "last.ckpt"
@@ -71,6 +85,8 @@ def small_pretrain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_sft_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_pretrain_checkpoint: Path) -> Path:
     from stagelm.cli.train import train
 
+    if reused := _reused("sft"):
+        return reused
     tmp = tmp_path_factory.mktemp("small_sft")
     train(compose_train(tmp, "stage=sft", f"init_from={small_pretrain_checkpoint}"))
     return tmp / "run" / "checkpoints" / "last.ckpt"
@@ -80,6 +96,8 @@ def small_sft_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_pretrai
 def small_reward_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_sft_checkpoint: Path) -> Path:
     from stagelm.cli.train import train
 
+    if reused := _reused("reward"):
+        return reused
     tmp = tmp_path_factory.mktemp("small_reward")
     train(compose_train(tmp, "stage=reward", f"init_from={small_sft_checkpoint}"))
     return tmp / "run" / "checkpoints" / "last.ckpt"

@@ -167,7 +167,8 @@ def test_ppo_options_and_resume(tmp_path: Path, tiny_sft_and_reward: tuple[Path,
         "trainer.val_check_interval=2",
     ]
     metrics = train(compose_train(tmp_path / "a", *options))
-    assert metrics["ppo/kl_coef"] == pytest.approx(0.05)  # fixed controller
+    default_kl_coef = compose_train(tmp_path, "stage=ppo").stage.kl_coef
+    assert metrics["ppo/kl_coef"] == pytest.approx(default_kl_coef)  # fixed controller
     last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 2
     resumed = train(

@@ -45,7 +45,7 @@ def test_each_stage_starts_from_the_one_before(tmp_path: Path) -> None:
     no_ppo = {s.name: s for s in plan(pipeline_config("stages=[pretrain,sft,grpo]"), tmp_path, "small")}
     assert no_ppo["grpo"].init_from == ckpt("sft")
     # the demo's budgets reach the stages as overrides
-    assert "trainer.max_steps=1000" in stages["pretrain"].overrides
+    assert "trainer.max_steps=1200" in stages["pretrain"].overrides
     assert "model=small" in stages["sft"].overrides
 
 
@@ -53,7 +53,7 @@ def test_a_changed_setting_invalidates_that_stage_and_those_after_it(tmp_path: P
     before = {s.name: s.key for s in plan(pipeline_config(), tmp_path, "small")}
     cfg = pipeline_config()
     with open_dict(cfg):
-        cfg.sft.trainer.max_steps = 400
+        cfg.sft.trainer.max_steps = cfg.sft.trainer.max_steps + 50
     after = {s.name: s.key for s in plan(cfg, tmp_path, "small")}
     assert after["pretrain"] == before["pretrain"]
     assert all(after[s] != before[s] for s in ("sft", "reward", "ppo", "dpo", "grpo"))
