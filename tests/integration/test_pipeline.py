@@ -19,14 +19,14 @@ TINY = [
     "pretrain.trainer.val_check_interval=150",
     "pretrain.data.builtin_chars=400000",
     "pretrain.data.block_size=64",
-    "sft.trainer.max_steps=150",
-    "sft.trainer.val_check_interval=75",
+    "sft.trainer.max_steps=300",
+    "sft.trainer.val_check_interval=150",
     "sft.data.builtin_train=3000",
     "sft.data.eval_examples=60",
     "reward.trainer.max_steps=60",
     "reward.trainer.val_check_interval=30",
-    "ppo.trainer.max_steps=6",
-    "ppo.trainer.val_check_interval=3",
+    "ppo.trainer.max_steps=20",
+    "ppo.trainer.val_check_interval=10",
     "dpo.trainer.max_steps=40",
     "dpo.trainer.val_check_interval=20",
     "grpo.trainer.max_steps=6",
@@ -50,14 +50,14 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path) -> None:
     for stage, info in report["stages"].items():
         assert info["headline"], stage
         assert info["wall_time_s"] > 0 and info["global_step"] > 0, stage
-    # the tiny model (0.12M parameters) cannot learn two-digit arithmetic in a minute, so SFT is judged by its
-    # second headline metric and the reward model by its level; the small model's thresholds are in the
-    # per-stage learning tests
-    for stage in ("pretrain", "ppo", "dpo"):
+    # The tiny model (0.12M parameters) cannot learn two-digit arithmetic in a minute, so SFT is judged by its second
+    # headline metric, PPO by the world's true preference (its reward-model score moves by noise in 20 iterations)
+    # and GRPO, which starts near 0, not at all; the small model's thresholds are in the per-stage learning tests.
+    for stage in ("pretrain", "reward", "dpo"):
         assert report["stages"][stage]["improved"] is True, (stage, report["stages"][stage]["headline"])
     sft = report["stages"]["sft"]["headline"]["val/format_ok"]
-    assert sft["after"] > sft["before"]
-    assert report["stages"]["reward"]["headline"]["val/accuracy"]["after"] >= 0.7
+    assert sft["after"] > sft["before"] + 0.5
+    assert report["stages"]["ppo"]["headline"]["val/win_rate_vs_sft"]["after"] > 0.5
     assert set(report["samples"]["What is 23 + 48?"]) == {"pretrain", "sft", "ppo", "dpo", "grpo"}
     assert {"loss.png", "expert_load.png"} <= set(report["plots"])
     assert (out / "report.md").read_text().startswith("# stagelm pipeline report")
