@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+
+from stagelm.model import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "stagelm" / "conf"
 SHARED_DATA = Path(os.environ.get("STAGELM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -31,6 +34,27 @@ def compose_train(tmp_path: Path, *overrides: str) -> DictConfig:
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     return cfg
+
+
+def tiny_model_config(**overrides: Any) -> ModelConfig:
+    """The unit tests' model: GQA (4 query heads on 2 kv heads) and one dense + one MoE layer; a wider init than the
+    default 0.02 gives peaked next-token distributions, so sampling, greedy and filtering are told apart."""
+    values: dict[str, Any] = dict(
+        vocab_size=32,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=32,
+        d_ff_dense=64,
+        n_experts=4,
+        top_k=2,
+        moe_every=2,
+        max_seq_len=64,
+        init_std=0.1,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
 
 
 def run_cli(module: str, *args: str, cwd: Path, timeout: int = 600, env: dict | None = None):
@@ -70,37 +94,29 @@ def _reused(stage: str) -> Path | None:
     return path
 
 
-@pytest.fixture(scope="session")
-def small_pretrain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _small_checkpoint(factory: pytest.TempPathFactory, stage: str, *overrides: str) -> Path:
+    if reused := _reused(stage):
+        return reused
     from stagelm.cli.train import train
 
-    if reused := _reused("pretrain"):
-        return reused
-    tmp = tmp_path_factory.mktemp("small_pretrain")
-    train(compose_train(tmp, "stage=pretrain", "model=small"))
+    tmp = factory.mktemp(f"small_{stage}")
+    train(compose_train(tmp, f"stage={stage}", *overrides))
     return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def small_pretrain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _small_checkpoint(tmp_path_factory, "pretrain", "model=small")
 
 
 @pytest.fixture(scope="session")
 def small_sft_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_pretrain_checkpoint: Path) -> Path:
-    from stagelm.cli.train import train
-
-    if reused := _reused("sft"):
-        return reused
-    tmp = tmp_path_factory.mktemp("small_sft")
-    train(compose_train(tmp, "stage=sft", f"init_from={small_pretrain_checkpoint}"))
-    return tmp / "run" / "checkpoints" / "last.ckpt"
+    return _small_checkpoint(tmp_path_factory, "sft", f"init_from={small_pretrain_checkpoint}")
 
 
 @pytest.fixture(scope="session")
 def small_reward_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_sft_checkpoint: Path) -> Path:
-    from stagelm.cli.train import train
-
-    if reused := _reused("reward"):
-        return reused
-    tmp = tmp_path_factory.mktemp("small_reward")
-    train(compose_train(tmp, "stage=reward", f"init_from={small_sft_checkpoint}"))
-    return tmp / "run" / "checkpoints" / "last.ckpt"
+    return _small_checkpoint(tmp_path_factory, "reward", f"init_from={small_sft_checkpoint}")
 
 
 def run_main_in_process(main, *args: str, cwd: Path):

@@ -11,26 +11,16 @@ import torch
 
 from stagelm.checkpoint import atomic_torch_save, stagelm_metadata
 from stagelm.cli.chat import ChatSession
-from stagelm.model import ModelConfig, Transformer
+from stagelm.model import Transformer
 from stagelm.tokenizer import CharTokenizer
 from stagelm.tools import calculator, run_tool_call
+from tests.conftest import tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = CharTokenizer.train(["hello world"])
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=32,
-        d_ff_dense=64,
-        n_experts=4,
-        moe_every=2,
-        max_seq_len=512,
-    )
+    cfg = tiny_model_config(vocab_size=tokenizer.vocab_size, top_k=1, max_seq_len=512, init_std=0.02)
     torch.manual_seed(0)
     model = Transformer(cfg)
     path = tmp_path_factory.mktemp("ckpt") / "sft.ckpt"

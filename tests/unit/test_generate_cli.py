@@ -11,9 +11,9 @@ import torch
 
 from stagelm.checkpoint import atomic_torch_save, stagelm_metadata
 from stagelm.generation import complete
-from stagelm.model import ModelConfig, Transformer
+from stagelm.model import Transformer
 from stagelm.tokenizer import CharTokenizer
-from tests.conftest import run_main_in_process
+from tests.conftest import run_main_in_process, tiny_model_config
 
 
 def run_cli(cwd: Path, *overrides: str):
@@ -31,19 +31,7 @@ def run_subprocess(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Transformer, CharTokenizer]:
     tokenizer = CharTokenizer.train(["hello world"])
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=32,
-        d_ff_dense=64,
-        n_experts=4,
-        top_k=2,
-        moe_every=2,
-        max_seq_len=64,
-    )
+    cfg = tiny_model_config(vocab_size=tokenizer.vocab_size, init_std=0.02)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"

@@ -6,38 +6,18 @@ import pytest
 import torch
 
 from stagelm.generation import GenerationOutput, TextStream, complete, filter_logits, generate, left_pad
-from stagelm.model import ModelConfig, Transformer
+from stagelm.model import Transformer
 from stagelm.tokenizer import CharTokenizer
+from tests.conftest import tiny_model_config
 
 PAD = 0
 PROMPTS = [[5, 9, 3], [7, 1, 2, 8, 4, 6, 11, 12, 13], [20], [3, 3, 17, 30, 2, 9]]  # lengths 3, 9, 1, 6
 
 
-def tiny_config(**overrides) -> ModelConfig:
-    # GQA (4 query heads on 2 kv heads) and one dense + one MoE layer; a wider init than the default 0.02 gives
-    # peaked next-token distributions, so sampling, greedy and filtering are told apart.
-    values = dict(
-        vocab_size=32,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=32,
-        d_ff_dense=64,
-        n_experts=4,
-        top_k=2,
-        moe_every=2,
-        max_seq_len=64,
-        init_std=0.1,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
-
-
 @pytest.fixture
 def model() -> Transformer:
     torch.manual_seed(0)
-    return Transformer(tiny_config()).eval()
+    return Transformer(tiny_model_config()).eval()
 
 
 def full_forward_logits(model: Transformer, out: GenerationOutput) -> torch.Tensor:
@@ -232,7 +212,7 @@ def test_bad_arguments(model: Transformer, prompts: list, kwargs: dict, message:
 def test_complete_decodes_until_eos() -> None:
     tokenizer = CharTokenizer.train(["hello world"])
     torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size)).eval()
+    model = Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size)).eval()
     texts = ["hello", "wor"]
     completions = complete(model, tokenizer, texts, 8, greedy=True)
     prompts = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]

@@ -10,10 +10,10 @@ import torch
 
 from stagelm.chat import render
 from stagelm.losses import group_advantages, grpo_loss
-from stagelm.model import ModelConfig
 from stagelm.rollout import completion_logprobs, sample_rollouts
 from stagelm.stages.grpo import GRPOModule, select_rows
 from stagelm.tokenizer import CharTokenizer
+from tests.conftest import tiny_model_config
 
 G = 4
 
@@ -22,20 +22,7 @@ G = 4
 def setup():
     torch.manual_seed(0)
     tok = CharTokenizer.train(["0123456789 +-=?. Whatisthe answer"])
-    config = ModelConfig(
-        vocab_size=tok.vocab_size,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=32,
-        d_ff_dense=64,
-        n_experts=4,
-        top_k=1,
-        moe_every=2,
-        init_std=0.1,
-        max_seq_len=128,
-    )
+    config = tiny_model_config(vocab_size=tok.vocab_size, top_k=1, max_seq_len=128)
     questions = ["1 + 2 = ?", "What is 37 - 5 + 12 - 3?", "9", "What is 4?", "12 - 7 = ?"]
     prompts = [tok.encode(render([{"role": "user", "content": q}], add_generation_prompt=True)) for q in questions]
 

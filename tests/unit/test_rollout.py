@@ -5,29 +5,16 @@ from __future__ import annotations
 import torch
 
 from stagelm.chat import render
-from stagelm.model import ModelConfig, Transformer
+from stagelm.model import Transformer
 from stagelm.rollout import completion_logprobs, sample_rollouts
 from stagelm.tokenizer import CharTokenizer
+from tests.conftest import tiny_model_config
 
 
 def test_recomputed_logprobs_match_the_sampler() -> None:
     torch.manual_seed(0)
     tok = CharTokenizer.train(["0123456789 +-=?"])
-    model = Transformer(
-        ModelConfig(
-            vocab_size=tok.vocab_size,
-            d_model=32,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            d_ff=32,
-            d_ff_dense=64,
-            n_experts=4,
-            top_k=2,
-            moe_every=2,
-            init_std=0.1,
-        )
-    )
+    model = Transformer(tiny_model_config(vocab_size=tok.vocab_size, max_seq_len=256))
     prompts = [
         tok.encode(render([{"role": "user", "content": q}], add_generation_prompt=True))
         for q in ["1 + 2 = ?", "What is 37 - 5?", "9"]
