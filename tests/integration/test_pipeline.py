@@ -12,25 +12,26 @@ import pytest
 from stagelm.cli.pipeline import main
 from tests.conftest import run_main_in_process
 
-# small budgets so the tiny model finishes every stage in about a minute each on 2 cores
+# budgets with which the tiny model (0.24M parameters) improves every stage's headline metric, measured 12.5 minutes
+# on 2 cores: SFT needs 1,500 steps before its exact match gives GRPO a policy worth sharpening (at 1,200 it reached
+# 0.18 and 40 GRPO steps lowered greedy accuracy), PPO's reward-model score needs ~150 iterations to rise past noise.
 TINY = [
     "model=tiny",
-    "pretrain.trainer.max_steps=300",
-    "pretrain.trainer.val_check_interval=150",
-    "pretrain.data.builtin_chars=400000",
+    "pretrain.trainer.max_steps=3000",
+    "pretrain.trainer.val_check_interval=1500",
     "pretrain.data.block_size=64",
-    "sft.trainer.max_steps=300",
-    "sft.trainer.val_check_interval=150",
-    "sft.data.builtin_train=3000",
-    "sft.data.eval_examples=60",
+    "sft.trainer.max_steps=1500",
+    "sft.trainer.val_check_interval=750",
+    "sft.data.builtin_train=6000",
+    "sft.data.eval_examples=100",
     "reward.trainer.max_steps=60",
     "reward.trainer.val_check_interval=30",
-    "ppo.trainer.max_steps=20",
-    "ppo.trainer.val_check_interval=10",
+    "ppo.trainer.max_steps=150",
+    "ppo.trainer.val_check_interval=75",
     "dpo.trainer.max_steps=40",
     "dpo.trainer.val_check_interval=20",
-    "grpo.trainer.max_steps=6",
-    "grpo.trainer.val_check_interval=3",
+    "grpo.trainer.max_steps=80",
+    "grpo.trainer.val_check_interval=40",
 ]
 
 
@@ -50,14 +51,7 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path) -> None:
     for stage, info in report["stages"].items():
         assert info["headline"], stage
         assert info["wall_time_s"] > 0 and info["global_step"] > 0, stage
-    # The tiny model (0.12M parameters) cannot learn two-digit arithmetic in a minute, so SFT is judged by its second
-    # headline metric, PPO by the world's true preference (its reward-model score moves by noise in 20 iterations)
-    # and GRPO, which starts near 0, not at all; the small model's thresholds are in the per-stage learning tests.
-    for stage in ("pretrain", "reward", "dpo"):
-        assert report["stages"][stage]["improved"] is True, (stage, report["stages"][stage]["headline"])
-    sft = report["stages"]["sft"]["headline"]["val/format_ok"]
-    assert sft["after"] > sft["before"] + 0.5
-    assert report["stages"]["ppo"]["headline"]["val/win_rate_vs_sft"]["after"] > 0.5
+        assert info["improved"] is True, (stage, info["headline"])
     assert set(report["samples"]["What is 23 + 48?"]) == {"pretrain", "sft", "ppo", "dpo", "grpo"}
     assert {"loss.png", "expert_load.png"} <= set(report["plots"])
     assert (out / "report.md").read_text().startswith("# stagelm pipeline report")
