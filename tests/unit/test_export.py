@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from stagelm.checkpoint import atomic_torch_save, stagelm_metadata  # noqa: E402
 from stagelm.export.hf import export_hf  # noqa: E402
-from stagelm.model import ModelConfig, Transformer  # noqa: E402
+from stagelm.model import Transformer  # noqa: E402
 from stagelm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer  # noqa: E402
+from tests.conftest import tiny_model_config  # noqa: E402
 
 pytestmark = pytest.mark.export
 
@@ -31,22 +32,10 @@ def char_tokenizer() -> CharTokenizer:
 
 def random_model(tok: Tokenizer, **overrides) -> Transformer:
     """A small model with every weight randomised, norms and router included, so routing is not trivial."""
-    values = dict(
-        vocab_size=tok.vocab_size,
-        d_model=32,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=24,
-        d_ff_dense=40,
-        n_experts=4,
-        top_k=1,
-        moe_every=2,
-        max_seq_len=64,
-        rope_theta=500.0,
-    )
+    # four layers (two MoE), narrower experts than the dense MLP, a non-default RoPE base
+    values = dict(n_layers=4, d_ff=24, d_ff_dense=40, top_k=1, rope_theta=500.0)
     values.update(overrides)
-    model = Transformer(ModelConfig(**values))
+    model = Transformer(tiny_model_config(vocab_size=tok.vocab_size, **values))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
