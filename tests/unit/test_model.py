@@ -215,6 +215,17 @@ def test_experts_that_receive_no_tokens_get_zero_gradients():
     close(out, moe_reference(moe, x).detach(), atol=1e-5)
 
 
+def test_a_second_backward_through_the_experts_raises_instead_of_reusing_overwritten_activations():
+    # the experts' backward writes its gate|up gradient over the saved activations to save memory; autograd's
+    # version check must then refuse a second pass (retain_graph) rather than return wrong gradients
+    torch.manual_seed(0)
+    moe = MoE(tiny(n_experts=4, top_k=2, router="softmax", shared_expert=False))
+    out, _ = moe(torch.randn(2, 5, 32, requires_grad=True))
+    out.square().sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.square().sum().backward()
+
+
 # ------------------------------------------------------------------------------------------------ aux losses
 
 
