@@ -127,57 +127,6 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-def swiglu_forward(gu: torch.Tensor) -> torch.Tensor:
-    """gate|up activations [N, 2F] -> silu(gate) * up [N, F]."""
-    f = gu.shape[-1] // 2
-    return F.silu(gu[:, :f]).mul_(gu[:, f:])
-
-
-def swiglu_recompute(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu(gate) and the product h = silu(gate) * up [N, F] from the gate|up activations [N, 2F], for a backward.
-
-    Recomputing them (one element-wise pass each) instead of saving them from the forward halves what a SwiGLU
-    layer holds between forward and backward and, on CPU, the fresh pages the allocator faults in every step."""
-    f = gu.shape[-1] // 2
-    s = F.silu(gu[:, :f])
-    return s, s * gu[:, f:]
-
-
-def swiglu_backward_(gu: torch.Tensor, s: torch.Tensor, h: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    """Gradient of `swiglu_forward` w.r.t. gu [N, 2F], written over gu itself (no [N, 2F] buffer to allocate)
-    and returned. s, h: `swiglu_recompute(gu)`; h is used as scratch, so form any gradient that needs h first.
-    dh [N, F]: the gradient w.r.t. the product."""
-    f = gu.shape[-1] // 2
-    gate, up = gu[:, :f], gu[:, f:]  # [N, F] views
-    dh_up = torch.mul(dh, up, out=h)
-    torch.mul(dh, s, out=up)  # d up
-    torch.ops.aten.silu_backward.grad_input(dh_up, gate, grad_input=gate)  # d gate
-    return gu
-
-
-class _SwiGLUFunction(torch.autograd.Function):
-    """Dense SwiGLU with the memory-lean backward of `swiglu_backward_`; gate and up run as one matmul."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        w_gate_up = torch.cat([w_gate, w_up])  # [2F, D]
-        gu = x @ w_gate_up.t()  # [N, 2F]
-        ctx.save_for_backward(x, w_gate_up, w_down, gu)
-        return swiglu_forward(gu) @ w_down.t()
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w_gate_up, w_down, gu = ctx.saved_tensors
-        s, h = swiglu_recompute(gu)
-        d_down = dy.t() @ h if ctx.needs_input_grad[3] else None  # [D, F]
-        dgu = swiglu_backward_(gu, s, h, dy @ w_down)  # [N, 2F]
-        dx = dgu @ w_gate_up if ctx.needs_input_grad[0] else None
-        d_gate_up = dgu.t() @ x if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None  # [2F, D]
-        f = gu.shape[-1] // 2
-        d_gate, d_up = (None, None) if d_gate_up is None else (d_gate_up[:f], d_gate_up[f:])
-        return dx, d_gate, d_up, d_down
-
-
 class SwiGLU(nn.Module):
     """`(silu(x W_g) * (x W_u)) W_d` without biases: the dense MLP and the shared expert."""
 
@@ -188,10 +137,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the hand-written backward only pays off when there is one: inference (e.g. each decoding step) takes
-        # the plain path and skips concatenating the gate and up weights
-        if torch.is_grad_enabled() and use_custom_autograd(x) and x.dtype == self.gate_proj.weight.dtype:
-            rows = x.reshape(-1, x.shape[-1])  # [N, D]
-            weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-            return _SwiGLUFunction.apply(rows, *weights).view(*x.shape[:-1], -1)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
