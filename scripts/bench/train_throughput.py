@@ -11,7 +11,7 @@ median over rounds. Each check runs in a process of its own, as a training run w
 process share its heap, and how often freed memory goes back to the kernel (to be faulted in again, ~1 us a
 page here) depends on everything else that process holds, which shifted the MoE ratio by 10%.
 
-    .venv/bin/python scripts/bench/train_throughput.py            # full run, a few minutes on 2 cores
+    .venv/bin/python scripts/bench/train_throughput.py            # full run, 1-2 minutes on 2 cores
     .venv/bin/python scripts/bench/train_throughput.py --quick    # smoke run
 """
 
