@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from stagelm.model import KVCache, Transformer
+from stagelm.model.layers import StaticKVCache
 from stagelm.tokenizer import Tokenizer
 
 
@@ -91,6 +92,39 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def _decode_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor,
+    cache: KVCache,
+    write_position: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step over a static cache: tokens [B], positions [B, 1], key_mask [B, max_len] -> logits [B, V]."""
+    out = model(
+        tokens[:, None],
+        attention_mask=key_mask,
+        positions=positions,
+        cache=StaticKVCache(cache, write_position),
+        with_router_stats=False,
+    )
+    return out.logits[:, -1].float()
+
+
+# Compiled once per (model, batch size, cache length bucket); inductor also caches the kernels on disk, so later
+# processes skip most of the cold compile.
+_compiled_decode_logits = torch.compile(_decode_logits, dynamic=False, fullgraph=True)
+
+
+def cache_length_bucket(needed: int, max_seq_len: int) -> int:
+    """The static cache length for `needed` columns: the next power of two from 64, at most max_seq_len, so a few
+    compiled graphs serve every prompt length."""
+    length = 64
+    while length < needed:
+        length *= 2
+    return max(needed, min(length, max_seq_len))
+
+
 def _check_args(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
@@ -143,6 +177,7 @@ def generate(
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     return_logits: bool = False,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Sample up to `max_new_tokens` tokens after each prompt, all rows at once with a KV cache.
 
@@ -156,6 +191,9 @@ def generate(
         on the model's device); with neither, torch's global RNG is used.
     on_token: called after every step with that step's tokens [B] (pad_id for rows already stopped).
     return_logits: also return the raw float32 logits of every step, [B, N, V] (memory grows with the vocabulary).
+    compile: run each decode step as one torch.compile'd graph over a static cache (same tokens, log-probs within
+        float rounding). Pays off over many calls (the RL stages' rollouts): the first call per batch size and
+        cache-length bucket compiles (tens of seconds cold, a few seconds with inductor's on-disk cache).
 
     The model runs in eval mode (restored afterwards) in its own dtype and device, under torch.no_grad (inference
     mode is deliberately avoided: RL stages feed the returned tokens to a training forward pass).
@@ -171,11 +209,17 @@ def generate(
     B = len(prompts)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     P = prompt_ids.shape[1]
+    # The last sampled token is never fed back, hence the -1.
+    cache_len = P + max_new_tokens - 1
+    if compile:
+        cache_len = cache_length_bucket(cache_len, config.max_seq_len)
+        write_position = torch.zeros(1, dtype=torch.long, device=device)
+    cache = KVCache(config, B, cache_len, device, dtype)
     # One attention mask for the whole run: prompt columns, then a column per generated token, switched on
     # as that token is fed; a stopped row's padding stays masked, like right padding in a full forward pass.
-    attention_mask = torch.cat([prompt_mask, torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-    # The last sampled token is never fed back, hence the -1.
-    cache = KVCache(config, B, P + max_new_tokens - 1, device, dtype)
+    # (A static cache's unwritten columns stay masked too.)
+    width = max(P + max_new_tokens, cache_len)
+    attention_mask = torch.cat([prompt_mask, torch.zeros(B, width - P, dtype=torch.bool, device=device)], 1)
 
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
@@ -193,18 +237,29 @@ def generate(
         # With equal-length prompts there is no padding: no mask lets attention take its plain causal fast path.
         uniform = len({len(p) for p in prompts}) == 1
         prefill_mask = None if uniform else prompt_mask
-        out = model(prompt_ids, attention_mask=prefill_mask, cache=cache, return_hidden=True, compute_logits=False)
+        out = model(
+            prompt_ids,
+            attention_mask=prefill_mask,
+            cache=cache,
+            return_hidden=True,
+            compute_logits=False,
+            with_router_stats=False,
+        )
         logits = model.lm_head(out.hidden[:, -1]).float()  # [B, V]
+        # the position of each row's next token is its count of real tokens so far
+        positions = prompt_mask.sum(1, keepdim=True)  # [B, 1]
         for t in range(max_new_tokens):
             if all_logits is not None:
                 all_logits.append(logits)
-            scaled = logits / scale
+            scaled = logits / scale if scale != 1.0 else logits
             if greedy:
-                next_tokens = scaled.argmax(-1)
+                # log_softmax at the argmax is the max logit minus the log normaliser: no [B, V] gather needed
+                top, next_tokens = scaled.max(-1)
+                token_logprobs = top - scaled.logsumexp(-1)
             else:
                 probs = filter_logits(scaled, top_k, top_p).softmax(-1)
                 next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            token_logprobs = scaled.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(1)
+                token_logprobs = scaled.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(1)
 
             active = ~finished  # rows still generating at this step
             next_tokens = torch.where(active, next_tokens, pad)
@@ -219,7 +274,21 @@ def generate(
                 break
             # Decode: feed this step's tokens; the attention mask covers cached + new columns.
             attention_mask[:, P + t] = active
-            out = model(next_tokens[:, None], attention_mask=attention_mask[:, : P + t + 1], cache=cache)
+            if compile:
+                write_position.fill_(P + t)
+                key_mask = attention_mask[:, :cache_len]
+                # after the first step compiled this shape, only the guards that tell graphs apart need checking
+                # (a full guard check over every parameter costs more than a small model's decode step)
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=t > 0):
+                    logits = _compiled_decode_logits(model, next_tokens, positions + t, key_mask, cache, write_position)
+                continue
+            out = model(
+                next_tokens[:, None],
+                attention_mask=attention_mask[:, : P + t + 1],
+                positions=positions + t,
+                cache=cache,
+                with_router_stats=False,
+            )
             logits = out.logits[:, -1].float()
     finally:
         model.train(was_training)

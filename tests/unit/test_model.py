@@ -369,11 +369,13 @@ def test_left_padding_with_mask_matches_the_unpadded_row(n_experts):
 
 
 @pytest.mark.slow
-def test_compiled_moe_matches_eager_in_fp32():
-    # grouped_mm's meta kernel accepts bf16 only, so an fp32 MoE must run its experts outside the compiled graph
+@pytest.mark.parametrize("batch", [(2, 8), (4, 30)], ids=["all-experts", "sorted-dispatch"])
+def test_compiled_moe_matches_eager_in_fp32(batch):
+    # 16 tokens x 4 experts: the compiled graph runs every expert on every token; 120 tokens: sorted dispatch
+    # through the stagelm::grouped_mm custom op (compile's own grouped_mm accepts bf16 only) and its backward
     m = model(n_experts=4, top_k=2, moe_every=1).train()
-    compiled = torch.compile(m)
-    ids = torch.randint(0, 37, (2, 8))
+    compiled = torch.compile(m, fullgraph=True)
+    ids = torch.randint(0, 37, batch)
     out = compiled(ids)
     (out.logits.square().mean() + out.aux_loss).backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -382,4 +384,4 @@ def test_compiled_moe_matches_eager_in_fp32():
     (ref.logits.square().mean() + ref.aux_loss).backward()
     close(out.logits.detach(), ref.logits.detach(), atol=1e-5)
     for n, p in m.named_parameters():
-        close(grads[n], p.grad, atol=1e-5)
+        close(grads[n], p.grad, atol=3e-5, rtol=1e-4)

@@ -47,8 +47,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and use_custom_autograd(x):
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if not torch.is_grad_enabled():  # sampling and evaluation: one fused kernel
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            if use_custom_autograd(x):
+                return _RMSNormFunction.apply(x, self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
@@ -88,6 +91,24 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class StaticKVCache:
+    """A view of a KVCache's buffers for compiled decoding: each step writes its keys and values at the column
+    held in `position` (a tensor, so the compiled graph never specialises on it) and attends over the whole
+    buffer, so every step has the same shapes and one compiled graph serves them all. The attention mask hides
+    the columns not written yet."""
+
+    def __init__(self, cache: KVCache, position: torch.Tensor) -> None:
+        self.keys, self.values = cache.keys, cache.values
+        self.position = position  # [1] long: the column this step writes
+        self.length = 0  # unused: callers pass positions and a mask as wide as the buffer
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, Hkv, 1, D] at `position`; return the whole buffers [B, Hkv, max_len, D]."""
+        self.keys[layer].index_copy_(2, self.position, k)
+        self.values[layer].index_copy_(2, self.position, v)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention without biases: query head h reads kv head h // (n_heads / n_kv_heads)."""
 
@@ -105,7 +126,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         freqs: torch.Tensor,
         mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
@@ -115,6 +136,12 @@ class Attention(nn.Module):
         k = apply_rope(k, freqs).transpose(1, 2)  # [B, Hkv, T, D]
         if cache is not None:
             k, v = cache.write(self.layer, k, v)  # [B, Hkv, S, D], S = cached + T
+        if T == 1 and mask is not None:
+            # one query per row (a decode step): query head h reads kv head h // repeat, so the heads that share
+            # a kv head are stacked as that head's queries and attend without copying k and v
+            q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)  # [B, Hkv, H / Hkv, D]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, H / Hkv, D]
+            return self.o_proj(y.reshape(B, 1, self.n_heads * self.head_dim))  # [B, 1, H * D]
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)  # [B, H, S, D]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from stagelm.model.config import ModelConfig
-from stagelm.model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_frequencies
+from stagelm.model.layers import Attention, KVCache, RMSNorm, StaticKVCache, SwiGLU, rope_frequencies
 from stagelm.model.moe import MoE, RouterStats
 
 
@@ -32,12 +32,17 @@ class Block(nn.Module):
         self.feed_forward = MoE(config) if self.is_moe else SwiGLU(config.d_model, config.d_ff_dense)
 
     def forward(
-        self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | StaticKVCache | None,
+        with_router_stats: bool = True,
     ) -> tuple[torch.Tensor, RouterStats | None]:
         x = x + self.self_attn(self.input_layernorm(x), freqs, mask, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            out, stats = self.feed_forward(h)
+            out, stats = self.feed_forward(h, with_router_stats)
             return x + out, stats
         return x + self.feed_forward(h), None
 
@@ -71,13 +76,15 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         return_hidden: bool = False,
         compute_logits: bool = True,
+        with_router_stats: bool = True,
     ) -> TransformerOutput:
         """input_ids [B, T]. attention_mask [B, S] (S = cached + T) marks real tokens, False for padding.
         positions [B, T] default to counting real tokens, so left-padded rows get the positions they
-        would have alone."""
+        would have alone. with_router_stats=False skips the router losses and statistics (sampling needs
+        neither); aux_loss is then 0 and router_stats empty."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if positions is None:
@@ -92,7 +99,7 @@ class Transformer(nn.Module):
         aux_loss = x.new_zeros((), dtype=torch.float32)
         stats: dict[int, RouterStats] = {}
         for i, block in enumerate(self.layers):
-            x, layer_stats = block(x, freqs, mask, cache)
+            x, layer_stats = block(x, freqs, mask, cache, with_router_stats)
             if layer_stats is not None:
                 stats[i] = layer_stats
                 aux_loss = aux_loss + block.feed_forward.aux_loss(layer_stats)
@@ -110,6 +117,10 @@ class Transformer(nn.Module):
         if attention_mask is None and past == 0:
             return None
         S = past + T
+        if T == 1 and attention_mask is not None:
+            # a decode step: its one query may see every key the mask allows (a StaticKVCache passes a mask as
+            # wide as its buffer), so only padding and unwritten columns are hidden
+            return attention_mask[:, None, None, :].bool()  # [B, 1, 1, S]
         causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # [T, S]
         if attention_mask is None:
             return causal[None, None]
