@@ -187,15 +187,20 @@ def _model_card(config: ModelConfig, tokenizer: Tokenizer) -> str:
     )
 
 
+def build_hf_model(model: Transformer, tokenizer: Tokenizer) -> Llama4ForCausalLM:
+    """The in-memory Hugging Face `Llama4ForCausalLM` (fp32, eval mode) that computes what `model` computes."""
+    check_exportable(model.config)
+    return _build_hf_model(model, hf_config(model.config, tokenizer))
+
+
 def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     """Write `model` and `tokenizer` to `out_dir` as a Hugging Face Llama 4 text model; return the directory.
 
     Raises ValueError for models Llama 4 cannot express (softmax router) or when out_dir is not a directory."""
-    check_exportable(model.config)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"export destination {out} exists and is not a directory")
-    hf_model = _build_hf_model(model, hf_config(model.config, tokenizer))
+    hf_model = build_hf_model(model, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)
     write_tokenizer(tokenizer, out, model.config.max_seq_len)
