@@ -83,7 +83,7 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
-    routing: dict[str, dict[str, object]] | None = None  # per MoE layer: expert_load (shares), router_entropy
+    routing: dict[str, dict[str, object]] | None = None  # MoE layer -> expert_tokens, expert_load, router_entropy
 
 
 Event = TokenEvent | FinishEvent
@@ -93,8 +93,9 @@ Event = TokenEvent | FinishEvent
 class _Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Callable[[Event], None]
+    emit: Callable[[int, Event], None]
     generator: torch.Generator
+    index: int = 0  # which of the submitted choices
     submitted_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     generated: int = 0
@@ -199,12 +200,12 @@ class Engine:
         return len(self.running), len(self.waiting)
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Event], None], count: int = 1
+        self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[int, Event], None], count: int = 1
     ) -> list[SequenceHandle]:
         """Queue `count` sequences of one prompt (choices of one request: seeds seed, seed + 1, ...); all or none.
 
-        emit(event) is called on the engine thread for every token and once with a FinishEvent; it must be quick
-        and must not raise. ValueError for a prompt that does not fit; QueueFullError when at capacity."""
+        emit(choice_index, event) is called on the engine thread for every token and once with a FinishEvent; it
+        must be quick and must not raise. ValueError for a prompt that does not fit; QueueFullError when at capacity."""
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -216,8 +217,8 @@ class Engine:
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
         sequences = []
         for i in range(count):
-            generator = torch.Generator(device=self.device).manual_seed(base_seed + i)
-            sequences.append(_Sequence(prompt_ids, params, emit, generator, forced=list(params.forced_prefix)))
+            generator = torch.Generator(device=self.device).manual_seed((base_seed + i) % (1 << 63))
+            sequences.append(_Sequence(prompt_ids, params, emit, generator, i, forced=list(params.forced_prefix)))
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the engine is stopped")
@@ -280,14 +281,19 @@ class Engine:
                 self._finish(self.running[i], "cancelled")
                 self._remove_row(i)
 
-    def _routing_of(self, row: int, tokens: int) -> dict[str, dict[str, object]] | None:
-        if not self.moe_layers or tokens == 0:
+    def _routing_of(self, row: int) -> dict[str, dict[str, object]] | None:
+        if not self.moe_layers:
             return None
         counts = self.expert_counts[row]  # [L, E]
         shares = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).tolist()
-        entropy = (self.entropy_sums[row] / tokens).tolist()
+        routed = counts.sum(-1) / max(self.config.top_k, 1)  # tokens through each MoE layer
+        entropy = (self.entropy_sums[row] / routed.clamp_min(1)).tolist()
         return {
-            str(layer): {"expert_load": [round(s, 4) for s in shares[j]], "router_entropy": round(entropy[j], 4)}
+            str(layer): {
+                "expert_tokens": [int(c) for c in counts[j].tolist()],
+                "expert_load": [round(s, 4) for s in shares[j]],
+                "router_entropy": round(entropy[j], 4),
+            }
             for j, layer in enumerate(self.moe_layers)
         }
 
@@ -295,7 +301,7 @@ class Engine:
         seq.done = True
         routing = None
         if row is not None:
-            routing = self._routing_of(row, len(seq.prompt_ids) + seq.generated)
+            routing = self._routing_of(row)
         event = FinishEvent(reason, len(seq.prompt_ids), seq.generated, error, routing)
         elapsed = time.perf_counter() - seq.submitted_at
         self.mean_request_seconds = 0.9 * self.mean_request_seconds + 0.1 * elapsed
@@ -304,7 +310,7 @@ class Engine:
                 self.on_finish(seq, event)
             except Exception:  # noqa: BLE001 - metrics must not break serving
                 log.exception("on_finish hook failed")
-        seq.emit(event)
+        seq.emit(seq.index, event)
 
     def _remove_row(self, i: int) -> None:
         """Drop row i: the last running row moves into its slot, so running rows stay in slots [0, n)."""
@@ -436,7 +442,7 @@ class Engine:
             seq.generated += 1
             seq.last_token = token
             is_stop = token in seq.params.stop_token_ids
-            seq.emit(TokenEvent(token, logprobs[i], tops[i], is_stop))
+            seq.emit(seq.index, TokenEvent(token, logprobs[i], tops[i], is_stop))
             if is_stop:
                 finished.append((first_row + i, "stop"))
             elif seq.generated >= seq.params.max_tokens:
