@@ -117,7 +117,9 @@ def normalise_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
                     model_id_of[str(call["id"])] = model_id
                 unanswered.append(model_id)
                 arguments = _arguments_text(fn.get("arguments", "{}"), f"{cwhere}.function.arguments")
-                calls.append({"id": model_id, "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+                calls.append(
+                    {"id": model_id, "type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+                )
             turn: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 turn["tool_calls"] = calls
@@ -298,7 +300,10 @@ class ReplyAssembler:
                 api_call = {"id": new_tool_call_id(), "type": "function", "function": dict(call["function"])}
                 self.tool_calls.append(api_call)
                 arguments = api_call["function"]["arguments"]
-                pieces = [arguments[k : k + ARGUMENT_FRAGMENT_CHARS] for k in range(0, len(arguments), ARGUMENT_FRAGMENT_CHARS)] or [""]
+                pieces = [
+                    arguments[k : k + ARGUMENT_FRAGMENT_CHARS]
+                    for k in range(0, len(arguments), ARGUMENT_FRAGMENT_CHARS)
+                ] or [""]
                 delta.tool_calls.append(ToolCallDelta(index, api_call["id"], api_call["function"]["name"], ""))
                 delta.tool_calls.extend(ToolCallDelta(index, "", "", piece) for piece in pieces)
         if self.content.startswith(self.emitted):

@@ -154,7 +154,12 @@ async def _chat_stream(run: GenerationRun, model: str) -> AsyncIterator[str]:
             calls = run.assemblers[update.index].tool_calls
             if calls:
                 tool_calls = [
-                    {"function": {"name": c["function"]["name"], "arguments": _arguments_object(c["function"]["arguments"])}}
+                    {
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": _arguments_object(c["function"]["arguments"]),
+                        }
+                    }
                     for c in calls
                 ]
                 message = {"role": "assistant", "content": "", "tool_calls": tool_calls}
@@ -216,7 +221,9 @@ async def tags(request: Request) -> OllamaTags:
         size = f"{m.model.num_params() / 1e6:.1f}M"
         details = OllamaModelDetails(parameter_size=size)
         models.append(
-            OllamaModel(name=name, model=name, modified_at=modified, size=m.size_bytes, digest=m.digest, details=details)
+            OllamaModel(
+                name=name, model=name, modified_at=modified, size=m.size_bytes, digest=m.digest, details=details
+            )
         )
     return OllamaTags(models=models)
 

@@ -46,7 +46,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         500: "Generation failed",
     }.items()
 }
-STREAMED = {"text/event-stream": {"schema": {"type": "string"}, "example": 'data: {...}\n\ndata: [DONE]\n\n'}}
+STREAMED = {"text/event-stream": {"schema": {"type": "string"}, "example": "data: {...}\n\ndata: [DONE]\n\n"}}
 
 
 def server_state(request: Request) -> ServerState:

@@ -60,7 +60,7 @@ def random_checkpoint(path: Path, max_seq_len: int = 128, stage: str = "sft") ->
 
 @pytest.fixture(scope="session")
 def random_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return random_checkpoint(tmp_path_factory.mktemp("random_tiny") / "sft.ckpt")
+    return random_checkpoint(tmp_path_factory.mktemp("random_tiny") / "sft.ckpt", max_seq_len=256)
 
 
 def make_app(ckpt: Path, api_key: str | None = None, **limits):
