@@ -13,7 +13,7 @@ unchanged; the engine only has to keep the layout as rows come and go:
 - when the common left padding grows past half the width (rows that started long ago have left), every row is
   shifted left, which keeps attention over as few columns as possible.
 
-Sampling is per row, each with its own torch.Generator seeded by the request: a request's tokens depend on its
+Sampling draws each row's noise from its own torch.Generator seeded by the request: a request's tokens depend on its
 seed and prompt, not on what else is in the batch (up to float rounding differences between batch shapes).
 
 Expert routing: a forward hook on each MoE router records its logits at every step, and every row accumulates
@@ -63,6 +63,7 @@ class SamplingParams:
     banned_token_ids: tuple[int, ...] = ()  # never sampled (the tool-call token when tool_choice is "none")
     logprobs: bool = False
     top_logprobs: int = 0
+    min_tokens: int = 0  # stop tokens are banned until this many tokens were generated
 
 
 @dataclass
@@ -406,28 +407,45 @@ class Engine:
     def _sample_and_emit(self, logits: torch.Tensor, first_row: int) -> None:
         """Sample one token for rows first_row.. (logits [B, V], row order), emit it, and retire finished rows."""
         rows = self.running[first_row:]
-        chosen: list[torch.Tensor] = []
-        scaled_rows: list[torch.Tensor] = []
-        for seq, row_logits in zip(rows, logits):
-            p = seq.params
-            scaled = row_logits / (p.temperature if p.temperature > 0 else 1.0)
-            if p.banned_token_ids:
-                scaled = scaled.clone()
-                scaled[list(p.banned_token_ids)] = float("-inf")
-            scaled_rows.append(scaled)
+        B, V = logits.shape
+        # One batched pass for what is per row but cheap to vectorise (temperature, bans, top-k/top-p filtering);
+        # the only per-row work left is drawing that row's noise from its own generator.
+        temperatures = torch.tensor([s.params.temperature or 1.0 for s in rows], device=self.device)
+        scaled = logits / temperatures[:, None]
+        bans = [
+            [*s.params.banned_token_ids, *(s.params.stop_token_ids if s.generated < s.params.min_tokens else ())]
+            for s in rows
+        ]
+        if any(bans):
+            ban_mask = torch.zeros(B, V, dtype=torch.bool, device=self.device)
+            for i, banned in enumerate(bans):
+                ban_mask[i, banned] = True
+            scaled = scaled.masked_fill(ban_mask, float("-inf"))
+        tokens = scaled.argmax(-1)  # greedy rows keep this
+        sampled = [i for i, s in enumerate(rows) if s.params.temperature > 0 and not s.forced]
+        if sampled:
+            filtered = scaled[sampled]
+            groups: dict[tuple, list[int]] = {}
+            for j, i in enumerate(sampled):
+                groups.setdefault((rows[i].params.top_k, rows[i].params.top_p), []).append(j)
+            for (top_k, top_p), members in groups.items():
+                if top_k is not None or top_p is not None:
+                    filtered[members] = filter_logits(filtered[members], top_k, top_p)
+            # Exponential race (the Gumbel-max trick): argmax_v p_v / E_v with E_v ~ Exp(1) is a draw from p.
+            noise = torch.stack(
+                [torch.empty(V, device=self.device).exponential_(generator=rows[i].generator) for i in sampled]
+            )
+            tokens[sampled] = (filtered.log_softmax(-1) - noise.log()).argmax(-1)
+        for i, seq in enumerate(rows):
             if seq.forced:
-                chosen.append(torch.tensor(seq.forced.pop(0), device=self.device))
-            elif p.temperature == 0:
-                chosen.append(scaled.argmax())
-            else:
-                probs = filter_logits(scaled[None], p.top_k, p.top_p).softmax(-1)
-                chosen.append(torch.multinomial(probs, 1, generator=seq.generator)[0, 0])
-        tokens = torch.stack(chosen).tolist()
+                tokens[i] = seq.forced.pop(0)
+        scaled_rows = scaled
+        tokens = tokens.tolist()
         want_logprobs = [s.params.logprobs for s in rows]
         logprobs: list[float] = [0.0] * len(rows)
         tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
         if any(want_logprobs):
-            log_probs = torch.stack(scaled_rows).log_softmax(-1)
+            log_probs = scaled_rows.log_softmax(-1)
             picked = log_probs.gather(1, torch.tensor(tokens, device=self.device)[:, None])[:, 0].tolist()
             for i, seq in enumerate(rows):
                 if not want_logprobs[i]:

@@ -73,6 +73,7 @@ def sampling_params(
     logprobs: bool = False,
     top_logprobs: int = 0,
     max_tokens_param: str = "max_tokens",
+    min_tokens: int = 0,
 ) -> SamplingParams:
     """The engine's settings from a request, with the server's defaults; 400 when the prompt does not fit."""
     context, limits = served.context_length, served.limits
@@ -104,6 +105,7 @@ def sampling_params(
         banned_token_ids=prompt.banned_token_ids if prompt else (),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        min_tokens=min_tokens,
     )
 
 
@@ -198,6 +200,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         want_logprobs,
         body.top_logprobs or 0,
         param,
+        body.min_tokens,
     )
     run = start_run(state, served, prompt.ids, params, body.n, stop)
     created, completion_id = int(time.time()), _completion_id("chatcmpl")
@@ -342,6 +345,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 (tokenizer.eos_id,),
                 logprobs=want_logprobs,
                 top_logprobs=body.logprobs or 0,
+                min_tokens=body.min_tokens,
             )
             runs.append(start_run(state, served, ids, params, body.n, stop, tool_calls=False))
     except ApiError:

@@ -9,7 +9,10 @@ freeing their batch slots at the next step.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +20,42 @@ from stagelm.serve.conversation import Delta, ReplyAssembler
 from stagelm.serve.engine import Event, FinishEvent, SamplingParams, SequenceHandle, TokenEvent
 from stagelm.serve.metrics import ServerMetrics
 from stagelm.serve.registry import ServedModel
+
+
+class _Relay:
+    """Carries engine events into one event loop with one wake-up per burst of events rather than one per token:
+    a decode step emits a token for every running row, and waking the loop for each would cost a system call
+    and a loop iteration apiece, on the same cores the decode loop needs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: deque[tuple[asyncio.Queue, object]] = deque()
+        self.scheduled = False
+        self.lock = threading.Lock()
+
+    def push(self, queue: asyncio.Queue, item: object) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, deque(), False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_relays: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Relay] = weakref.WeakKeyDictionary()
+
+
+def _relay_for(loop: asyncio.AbstractEventLoop) -> _Relay:
+    relay = _relays.get(loop)
+    if relay is None:
+        relay = _relays[loop] = _Relay(loop)
+    return relay
 
 
 class GenerationError(RuntimeError):
@@ -45,7 +84,7 @@ class GenerationRun:
     ) -> None:
         self.served, self.metrics, self.n = served, metrics, n
         self.prompt_tokens = len(prompt_ids)
-        self.loop = asyncio.get_running_loop()
+        self.relay = _relay_for(asyncio.get_running_loop())
         self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.assemblers = [
             ReplyAssembler(served.tokenizer, stop, logprobs=params.logprobs, tool_calls=tool_calls) for _ in range(n)
@@ -59,7 +98,7 @@ class GenerationRun:
 
     def _emit_from_engine(self, index: int, event: Event) -> None:
         # called on the engine thread: hand the event over to the event loop
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+        self.relay.push(self.events, (index, event))
 
     def cancel(self) -> None:
         for handle in self.handles:

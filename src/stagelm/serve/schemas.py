@@ -99,6 +99,7 @@ class SamplingFields(Lenient):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1, description="stagelm extension: sample among the k most likely tokens")
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+    min_tokens: int = Field(0, ge=0, description="stagelm extension (as in vLLM): no stop token before this many")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the reply")
     seed: int | None = None
     stream: bool = False

@@ -45,7 +45,9 @@ class Collector:
 
 def prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(11, 32, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        torch.randint(11, 32, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 def test_staggered_requests_match_generate_alone(model: Transformer) -> None:
