@@ -4,6 +4,7 @@ options, and every error case with its status and OpenAI's error shape."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -268,20 +269,19 @@ def test_full_queue_is_429_with_retry_after_and_accepted_requests_complete(tmp_p
                 assert int(headers["retry-after"]) >= 1 and body["error"]["code"] == "rate_limit_exceeded"
             else:
                 assert body["choices"][0]["finish_reason"] in ("stop", "length")
-        # the openai client sees the same as RateLimitError while the engine is full
-        blockers = [threading.Thread(target=send) for _ in range(6)]
-        for t in blockers:
-            t.start()
-        raised = None
-        for _ in range(100):
-            try:
+        # Hold the engine full with four open streams (2 running + 2 waiting): the openai client gets RateLimitError.
+        # A stream's headers come back once its request is accepted, so entering the four means all are held.
+        body = {"model": "stagelm-sft", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 480,
+                "min_tokens": 480, "stream": True}  # fmt: skip
+        with contextlib.ExitStack() as streams, httpx.Client(timeout=60) as http:
+            held = [
+                streams.enter_context(http.stream("POST", f"{url}/v1/chat/completions", json=body)) for _ in range(4)
+            ]
+            assert [r.status_code for r in held] == [200] * 4
+            with pytest.raises(openai.RateLimitError) as info:
                 client_for(url).chat.completions.create(model="stagelm-sft", messages=QUESTION, max_tokens=5)
-            except openai.RateLimitError as e:
-                raised = e
-                break
-        for t in blockers:
-            t.join()
-        assert raised is not None and _error(raised)["type"] == "rate_limit_exceeded"
+            assert _error(info.value)["type"] == "rate_limit_exceeded"
+            assert int(info.value.response.headers["retry-after"]) >= 1
         metrics = httpx.get(f"{url}/metrics").text
         assert 'stagelm_rejected_requests_total{model="stagelm-sft"}' in metrics
 
