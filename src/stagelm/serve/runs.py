@@ -39,7 +39,10 @@ class _Relay:
             if self.scheduled:
                 return
             self.scheduled = True
-        self.loop.call_soon_threadsafe(self._drain)
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed (the server is shutting down): nobody is listening
+            pass
 
     def _drain(self) -> None:
         with self.lock:
