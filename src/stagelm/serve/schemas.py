@@ -15,6 +15,8 @@ MAX_TOP_LOGPROBS = 20
 
 
 class Lenient(BaseModel):
+    """Accepts fields it does not declare: clients of both APIs send options this server has no use for."""
+
     model_config = ConfigDict(extra="allow")
 
 
