@@ -143,14 +143,12 @@ class Engine:
         model: Transformer,
         max_running: int = 8,
         max_waiting: int = 16,
-        on_finish: Callable[[_Sequence, FinishEvent], None] | None = None,
     ) -> None:
         if max_running < 1 or max_waiting < 0:
             raise ValueError(f"max_running={max_running} must be >= 1 and max_waiting={max_waiting} >= 0")
         self.model = model.eval()
         self.config = model.config
         self.max_running, self.max_waiting = max_running, max_waiting
-        self.on_finish = on_finish
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # Twice the context: rows may sit right of the common left padding for a while before a compaction.
@@ -306,11 +304,6 @@ class Engine:
         event = FinishEvent(reason, len(seq.prompt_ids), seq.generated, error, routing)
         elapsed = time.perf_counter() - seq.submitted_at
         self.mean_request_seconds = 0.9 * self.mean_request_seconds + 0.1 * elapsed
-        if self.on_finish is not None:
-            try:
-                self.on_finish(seq, event)
-            except Exception:  # noqa: BLE001 - metrics must not break serving
-                log.exception("on_finish hook failed")
         seq.emit(seq.index, event)
 
     def _remove_row(self, i: int) -> None:
@@ -435,7 +428,9 @@ class Engine:
             noise = torch.stack(
                 [torch.empty(V, device=self.device).exponential_(generator=rows[i].generator) for i in sampled]
             )
-            tokens[sampled] = (filtered.log_softmax(-1) - noise.log()).argmax(-1)
+            # clamped: a zero draw must not turn a banned token's -inf into nan (which argmax would pick)
+            race = filtered.log_softmax(-1) - noise.clamp_min(torch.finfo(noise.dtype).tiny).log()
+            tokens[sampled] = race.argmax(-1)
         for i, seq in enumerate(rows):
             if seq.forced:
                 tokens[i] = seq.forced.pop(0)
