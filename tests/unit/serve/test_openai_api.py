@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,7 +246,7 @@ def test_api_key_is_required_everywhere_but_health(random_tiny_checkpoint: Path)
 
 
 def test_full_queue_is_429_with_retry_after_and_accepted_requests_complete(tmp_path: Path) -> None:
-    app = make_app(random_checkpoint(tmp_path / "m.ckpt", max_seq_len=512), max_running=2, max_waiting=2)
+    app = make_app(random_checkpoint(tmp_path / "m.ckpt", max_seq_len=512), max_running=1, max_waiting=3)
     with live_server(app) as url:
         results: list[tuple[int, dict, dict]] = []
         lock = threading.Lock()
@@ -269,7 +270,7 @@ def test_full_queue_is_429_with_retry_after_and_accepted_requests_complete(tmp_p
                 assert int(headers["retry-after"]) >= 1 and body["error"]["code"] == "rate_limit_exceeded"
             else:
                 assert body["choices"][0]["finish_reason"] in ("stop", "length")
-        # Hold the engine full with four open streams (2 running + 2 waiting): the openai client gets RateLimitError.
+        # Hold the engine full with four open streams (1 running + 3 waiting): the openai client gets RateLimitError.
         # A stream's headers come back once its request is accepted, so entering the four means all are held.
         body = {"model": "stagelm-sft", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 480,
                 "min_tokens": 480, "stream": True}  # fmt: skip
@@ -282,8 +283,16 @@ def test_full_queue_is_429_with_retry_after_and_accepted_requests_complete(tmp_p
                 client_for(url).chat.completions.create(model="stagelm-sft", messages=QUESTION, max_tokens=5)
             assert _error(info.value)["type"] == "rate_limit_exceeded"
             assert int(info.value.response.headers["retry-after"]) >= 1
+        # Closing the streams cancels their sequences: the engine is empty again within half a second, where the
+        # four 480-token replies, one after another, would take 1,900 decode steps.
+        engine = app.state.server.models["stagelm-sft"].engine
+        deadline = time.monotonic() + 0.5
+        while engine.load != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.load == (0, 0)
         metrics = httpx.get(f"{url}/metrics").text
         assert 'stagelm_rejected_requests_total{model="stagelm-sft"}' in metrics
+        assert 'stagelm_running_sequences{model="stagelm-sft"} 0.0' in metrics
 
 
 def test_models_health_metrics_and_completions(random_server: str) -> None:
