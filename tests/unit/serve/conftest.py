@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from stagelm.checkpoint import atomic_torch_save, stagelm_metadata
-from stagelm.model import Transformer
-from stagelm.serve.app import create_app
-from stagelm.serve.registry import ServingLimits, load_models
-from stagelm.tokenizer import CharTokenizer
-from tests.conftest import tiny_model_config
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from stagelm.checkpoint import atomic_torch_save, stagelm_metadata  # noqa: E402
+from stagelm.model import Transformer  # noqa: E402
+from stagelm.serve.app import create_app  # noqa: E402
+from stagelm.serve.registry import ServingLimits, load_models  # noqa: E402
+from stagelm.tokenizer import CharTokenizer  # noqa: E402
+from tests.conftest import tiny_model_config  # noqa: E402
 
 
 @contextmanager
