@@ -4,10 +4,12 @@ call, the calculator's result sent back, an answer that contains it -- streamed 
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+
 import json
 from pathlib import Path
-
-import pytest
 
 from stagelm.data.instruct import builtin_conversations
 from stagelm.tools import CALCULATOR_SCHEMA, calculator, run_tool_call

@@ -4,12 +4,16 @@ outside the server; the screenshot shows it. Skipped where chromium or Playwrigh
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+
 import shutil
 import struct
 from pathlib import Path
 
 import httpx
-import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

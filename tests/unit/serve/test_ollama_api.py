@@ -3,11 +3,15 @@ tool messages without ids), streamed NDJSON chat, generate, tags, options and er
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+
 import json
 from pathlib import Path
 
 import httpx
-import pytest
 
 from stagelm.tools import CALCULATOR_SCHEMA, calculator
 from tests.unit.serve.conftest import live_server, make_app

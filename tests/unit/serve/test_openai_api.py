@@ -4,6 +4,11 @@ options, and every error case with its status and OpenAI's error shape."""
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+
 import contextlib
 import json
 import threading
@@ -12,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from stagelm.tools import CALCULATOR_SCHEMA, run_tool_call
 from tests.unit.serve.conftest import live_server, make_app, random_checkpoint

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+
+
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
 from hypothesis.errors import Unsatisfiable  # noqa: E402

@@ -3,6 +3,11 @@ one-line errors for a missing checkpoint or nothing to serve."""
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+
 import os
 import socket
 import subprocess
