@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: a bare `pip install torch` would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e ".[dev,export,sweeps]"
+	$(BIN)/pip install --quiet -e ".[dev,export,sweeps,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -119,6 +119,68 @@ def small_reward_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_sft_
     return _small_checkpoint(tmp_path_factory, "reward", f"init_from={small_sft_checkpoint}")
 
 
+# --- a tiny chat model that has memorised two calculator round trips (seconds to train; for the server's tests) ----
+TOOL_CONVERSATIONS = [(4821, "*", 37, 178377), (1234, "+", 4321, 5555)]
+
+
+def tool_conversation(a: int, op: str, b: int, result: int) -> list[dict[str, Any]]:
+    """The round trip the tiny tool model has learnt: question, calculator call, tool result, answer."""
+    import json
+
+    expression = f"{a} {op} {b}"
+    arguments = json.dumps({"expression": expression})
+    call = {"id": "call_0", "type": "function", "function": {"name": "calculator", "arguments": arguments}}
+    return [
+        {"role": "user", "content": f"What is {expression}?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "content": str(result)},
+        {"role": "assistant", "content": f"{expression} = {result}."},
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_tool_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An "sft" checkpoint of a tiny model trained (150 full-batch steps, ~4 s) until it reproduces both
+    conversations of TOOL_CONVERSATIONS greedily, given the calculator tool: a real model that really calls the
+    tool, small enough for the fast tier (the small SFT checkpoint is the slow tier's)."""
+    import torch
+
+    from stagelm.chat import render, render_for_training
+    from stagelm.checkpoint import atomic_torch_save, stagelm_metadata
+    from stagelm.model import Transformer
+    from stagelm.tokenizer import CharTokenizer
+    from stagelm.tools import CALCULATOR_SCHEMA
+
+    conversations = [tool_conversation(*c) for c in TOOL_CONVERSATIONS]
+    tools = [CALCULATOR_SCHEMA]
+    tokenizer = CharTokenizer.train(render(c, tools=tools) for c in conversations)
+    config = tiny_model_config(
+        vocab_size=tokenizer.vocab_size, d_model=64, d_ff=64, d_ff_dense=128, top_k=1, max_seq_len=512, init_std=0.02
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    examples = [render_for_training(tokenizer, c, tools=tools) for c in conversations]
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), tokenizer.pad_id)
+    loss_mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        loss_mask[i, : len(e.input_ids)] = torch.tensor(e.loss_mask)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    targets, target_mask = ids[:, 1:], loss_mask[:, 1:]
+    for _ in range(150):
+        logits = model(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits[target_mask], targets[target_mask])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, f"the tiny tool model did not learn its conversations (loss {loss.item():.3f})"
+    path = tmp_path_factory.mktemp("tool_model") / "sft.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    atomic_torch_save({"state_dict": state, "stagelm": stagelm_metadata(config, tokenizer, "sft")}, path)
+    return path
+
+
 def run_main_in_process(main, *args: str, cwd: Path):
     """Run a Hydra CLI's `main()` in this process (no interpreter start-up: ~10x faster than a subprocess) and
     return what a subprocess would: returncode, stdout, stderr."""
