@@ -57,6 +57,60 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, 
     return time.perf_counter() - start, tokens
 
 
+def bench_batch(
+    model: Transformer,
+    hf: torch.nn.Module,
+    tokenizer: Tokenizer,
+    batch: int,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> None:
+    """Time every contestant at one batch size and print tokens/s, ratios and greedy agreement."""
+    N = args.new_tokens
+    texts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(batch)]  # lengths differ: left padding
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
+    ids, mask = left_pad(prompts, tokenizer.pad_id, device)
+
+    def ours(compile: bool) -> torch.Tensor:
+        return generate(model, prompts, N, greedy=True, pad_id=tokenizer.pad_id, compile=compile).tokens
+
+    def theirs() -> torch.Tensor:
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=mask.long(),
+                max_new_tokens=N,
+                min_new_tokens=N,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_id,
+                eos_token_id=None,
+            )
+        return out[:, ids.shape[1] :]
+
+    contestants = {"eager": lambda: ours(False), "compiled": lambda: ours(True), "hf": theirs}
+    first_call = {}
+    for name, fn in contestants.items():  # warm-up; the compiled one compiles here
+        first_call[name], _ = timed(fn, device)
+    times: dict[str, list[float]] = {name: [] for name in contestants}
+    tokens: dict[str, torch.Tensor] = {}
+    names = list(contestants)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds, tokens[name] = timed(contestants[name], device)
+            times[name].append(seconds)
+    print(f"batch {batch} (prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens):")
+    for name in names:
+        median = statistics.median(times[name])
+        line = f"  {name:>8}: {batch * N / median:9.1f} tokens/s (median {median:.3f} s)"
+        if name != "hf":
+            ratio = statistics.median(h / o for h, o in zip(times["hf"], times[name]))
+            same = (tokens[name].cpu() == tokens["hf"].cpu()).float().mean().item()
+            line += f"  {ratio:.2f}x HF  greedy tokens identical to HF: {same:.1%}"
+        if name == "compiled":
+            line += f"  (first call, compiling: {first_call[name]:.1f} s)"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", help="a stagelm checkpoint; default: a randomly initialised `small` model")
@@ -81,50 +135,8 @@ def main() -> None:
         f"params={params / 1e6:.2f}M new_tokens={args.new_tokens} rounds={args.rounds} "
         f"model={'checkpoint ' + args.ckpt if args.ckpt else 'random small'}"
     )
-    N = args.new_tokens
     for batch in args.batches:
-        texts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(batch)]  # lengths differ: left padding
-        prompts = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
-        ids, mask = left_pad(prompts, tokenizer.pad_id, device)
-
-        def ours(compile: bool) -> torch.Tensor:
-            return generate(model, prompts, N, greedy=True, pad_id=tokenizer.pad_id, compile=compile).tokens
-
-        def theirs() -> torch.Tensor:
-            with torch.no_grad():
-                out = hf.generate(
-                    input_ids=ids,
-                    attention_mask=mask.long(),
-                    max_new_tokens=N,
-                    min_new_tokens=N,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_id,
-                    eos_token_id=None,
-                )
-            return out[:, ids.shape[1] :]
-
-        contestants = {"eager": lambda: ours(False), "compiled": lambda: ours(True), "hf": theirs}
-        first_call = {}
-        for name, fn in contestants.items():  # warm-up; the compiled one compiles here
-            first_call[name], _ = timed(fn, device)
-        times: dict[str, list[float]] = {name: [] for name in contestants}
-        tokens: dict[str, torch.Tensor] = {}
-        names = list(contestants)
-        for r in range(args.rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                seconds, tokens[name] = timed(contestants[name], device)
-                times[name].append(seconds)
-        print(f"batch {batch} (prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens):")
-        for name in names:
-            median = statistics.median(times[name])
-            line = f"  {name:>8}: {batch * N / median:9.1f} tokens/s (median {median:.3f} s)"
-            if name != "hf":
-                ratio = statistics.median(h / o for h, o in zip(times["hf"], times[name]))
-                same = (tokens[name].cpu() == tokens["hf"].cpu()).float().mean().item()
-                line += f"  {ratio:.2f}x HF  greedy tokens identical to HF: {same:.1%}"
-            if name == "compiled":
-                line += f"  (first call, compiling: {first_call[name]:.1f} s)"
-            print(line)
+        bench_batch(model, hf, tokenizer, batch, args, device)
 
 
 if __name__ == "__main__":

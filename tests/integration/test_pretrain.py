@@ -149,3 +149,13 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     best = next(tmp_path.glob("outputs/train/multiruns/*/optimization_results.yaml")).read_text()
     assert "best_params" in best and "stage.optimizer.lr" in best
+
+
+@pytest.mark.slow  # ~1 min on a CPU without native bf16, where bf16 matmuls run a slow reference kernel
+def test_bf16_mixed_training_learns_like_fp32(tmp_path: Path) -> None:
+    # what precision=auto picks where the CPU (or GPU) has native bf16; on CPUs without it bf16 is slow, not wrong
+    steps = ["trainer.max_steps=120", "trainer.val_check_interval=120"]
+    fp32 = train(compose_train(tmp_path / "fp32", *FAST, *steps, "trainer.precision=32-true"))
+    bf16 = train(compose_train(tmp_path / "bf16", *FAST, *steps, "trainer.precision=bf16-mixed"))
+    assert bf16["val/loss"] < 2.5, bf16
+    assert abs(bf16["val/loss"] - fp32["val/loss"]) / fp32["val/loss"] < 0.05, (bf16["val/loss"], fp32["val/loss"])

@@ -237,3 +237,61 @@ def test_text_stream_holds_back_incomplete_characters_and_stops() -> None:
         stream(torch.tensor([0, token]))
     stream.flush()
     assert written == ["a", "é", "€", ""]  # each character once complete; flush has nothing left to add
+
+
+# ------------------------------------------------------------------------------------------------ static cache
+
+
+@pytest.fixture
+def long_model() -> Transformer:
+    """The unit model with room for every cache-length bucket up to 256."""
+    torch.manual_seed(0)
+    return Transformer(tiny_model_config(max_seq_len=256)).eval()
+
+
+def test_cache_length_buckets() -> None:
+    from stagelm.generation import cache_length_bucket
+
+    assert [cache_length_bucket(n, 512) for n in (1, 64, 65, 129, 300, 512)] == [64, 64, 128, 256, 512, 512]
+    assert cache_length_bucket(100, 100) == 100  # never past the model's context, never below what is needed
+    assert cache_length_bucket(40, 32) == 40
+
+
+@pytest.mark.parametrize("new_tokens", [5, 40, 100], ids=["bucket64", "bucket128", "bucket256"])
+def test_static_cache_decode_matches_full_forward(long_model: Transformer, new_tokens: int, monkeypatch) -> None:
+    # the compiled path's math, run eagerly: writes at a tensor position, attention over the whole bucket
+    import stagelm.generation as generation
+
+    monkeypatch.setattr(generation, "_compiled_decode_logits", generation._decode_logits)
+    out = generate(long_model, PROMPTS, new_tokens, pad_id=PAD, seed=2, return_logits=True, compile=True)
+    assert out.mask.all()
+    full = full_forward_logits(long_model, out)
+    torch.testing.assert_close(out.logits, full, atol=1e-5, rtol=0)
+    eager = generate(long_model, PROMPTS, new_tokens, pad_id=PAD, seed=2)
+    assert torch.equal(out.tokens, eager.tokens)
+
+
+def test_compiled_generation_equals_eager_and_the_full_forward(model: Transformer) -> None:
+    # one small shape keeps the cold compile to a few seconds; the slow tier covers more shapes
+    out = generate(model, PROMPTS[:2], 6, greedy=True, pad_id=PAD, return_logits=True, compile=True)
+    eager = generate(model, PROMPTS[:2], 6, greedy=True, pad_id=PAD)
+    assert torch.equal(out.tokens, eager.tokens)
+    full = full_forward_logits(model, out)
+    torch.testing.assert_close(out.logits, full, atol=1e-5, rtol=0)
+    expected = full.log_softmax(-1).gather(-1, out.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.logprobs, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("new_tokens", [20, 100])
+def test_compiled_sampling_equals_eager_in_every_bucket(long_model: Transformer, batch: int, new_tokens: int) -> None:
+    model = long_model
+    prompts = (PROMPTS * 2)[:batch]
+    for sampling in ({"greedy": True}, {"temperature": 0.8, "top_p": 0.9, "seed": 5}):
+        out = generate(model, prompts, new_tokens, pad_id=PAD, return_logits=True, compile=True, **sampling)
+        eager = generate(model, prompts, new_tokens, pad_id=PAD, **sampling)
+        assert torch.equal(out.tokens, eager.tokens)
+        torch.testing.assert_close(out.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+        full = full_forward_logits(model, out)
+        torch.testing.assert_close(out.logits[out.mask], full[out.mask], atol=1e-5, rtol=0)

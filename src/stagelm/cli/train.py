@@ -26,6 +26,7 @@ from stagelm.checkpoint import load_checkpoint, read_checkpoint
 from stagelm.config import register_resolvers
 from stagelm.errors import CheckpointError, ConfigError, StagelmError
 from stagelm.model import ModelConfig
+from stagelm.precision import resolve_precision
 from stagelm.tokenizer import Tokenizer, train_tokenizer
 from stagelm.training import AtomicCheckpointIO
 
@@ -95,6 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(module.run_config)
+    cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
