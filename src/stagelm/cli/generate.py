@@ -119,6 +119,7 @@ def run(cfg: DictConfig) -> None:
         stop_tokens=stop_tokens,
         pad_id=tokenizer.pad_id,
         on_token=stream,
+        compile=bool(cfg.get("compile", False)),
         **settings,
     )
     if stream is not None:
