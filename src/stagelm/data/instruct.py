@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render_for_training
 from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
 
@@ -200,7 +201,7 @@ class InstructDataModule(L.LightningDataModule):
         sampler = torch.utils.data.RandomSampler(
             self._train, replacement=True, num_samples=self.max_steps * self.batch_size * world, generator=generator
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self._train,
             batch_size=self.batch_size,
             sampler=sampler,

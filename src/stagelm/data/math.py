@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render
 from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
 
@@ -163,7 +164,6 @@ class MathDataModule(L.LightningDataModule):
         self.eval_examples, self.eval_batch_size = eval_examples, eval_batch_size
         self.max_prompt_length, self.num_workers = max_prompt_length, num_workers
         self.tokenizer: Tokenizer | None = None
-        self.start_sample = 0  # set on resume so the prompts continue where the run stopped
         self.too_long = 0  # prompts left out for being longer than max_prompt_length tokens
         self.train_problems: list[MathProblem] = []
         self.val_problems: list[MathProblem] = []
@@ -218,8 +218,8 @@ class MathDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         total = self.max_steps * self.batch_size * world
         generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randint(len(self._train), (total,), generator=generator)[self.start_sample :].tolist()
-        return DataLoader(
+        order = torch.randint(len(self._train), (total,), generator=generator).tolist()
+        return ResumableDataLoader(
             [self._train[i] for i in order],
             batch_size=self.batch_size,
             shuffle=False,

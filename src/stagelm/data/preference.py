@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render_for_training
 from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
 
@@ -275,7 +276,7 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = torch.utils.data.RandomSampler(
             self.train_data, replacement=True, num_samples=self.max_steps * self.batch_size * world, generator=generator
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_data,
             batch_size=self.batch_size,
             sampler=sampler,

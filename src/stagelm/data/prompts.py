@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render
 from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
 
@@ -186,7 +187,7 @@ class PromptDataModule(L.LightningDataModule):
             num_samples=self.max_steps * self.batch_size * world,
             generator=generator,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self._train_items,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -5,11 +5,13 @@ the stagelm metadata that makes every checkpoint self-sufficient."""
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +42,30 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random stream a step may draw from (dropout, sampling without an explicit generator, shuffles), as
+    tensors and plain values, so the checkpoint still loads with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class StageModule(L.LightningModule):
@@ -114,8 +140,17 @@ class StageModule(L.LightningModule):
             tokens_seen=self.tokens_seen,
         )
 
+        checkpoint["rng"] = rng_states()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("stagelm", {}).get("tokens_seen", 0))
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        # restored here rather than on load: building the data loaders in between must not consume the stream
+        if getattr(self, "_rng_to_restore", None):
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # --- sample tables --------------------------------------------------------------------------------------------
     def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:

@@ -284,6 +284,7 @@ class PPOModule(StageModule):
             proj.bias.sub_(self.score_mean).div_(self.score_std)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.normalize_scores and not bool(self.score_calibrated):
             self.calibrate_scores()
 
@@ -485,5 +486,6 @@ class PPOModule(StageModule):
         checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "ppo" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["ppo"]["kl_controller"])

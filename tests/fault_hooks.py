@@ -1,0 +1,66 @@
+"""Callbacks the fault-tolerance tests add to real runs (`+callbacks.<name>._target_=tests.fault_hooks.<Class>`):
+one records which examples every step trained on, one makes the numbers non-finite at chosen steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def _row_ids(batch: Any) -> list[str]:
+    """A short digest of each example of a batch: its token ids (for tensors) or its prompt ids (RL batches)."""
+    if isinstance(batch, (tuple, list)):  # pre-training: (inputs, targets)
+        rows = batch[0]
+    elif "input_ids" in batch:  # SFT
+        rows = batch["input_ids"]
+    elif "chosen_input_ids" in batch:  # preference pairs: their index in the split is their id
+        return [str(int(i)) for i in batch["index"]]
+    else:  # prompts (PPO) and math problems (GRPO)
+        rows = batch["prompt_ids"]
+    as_lists = rows.tolist() if torch.is_tensor(rows) else rows
+    return [hashlib.sha1(json.dumps(r).encode()).hexdigest()[:12] for r in as_lists]
+
+
+class BatchRecorder(L.Callback):
+    """Appends {"step", "ids"} for every training batch to a JSONL file, flushed at once (a kill -9 keeps it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
+        if trainer.is_global_zero:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": trainer.global_step, "ids": _row_ids(batch)}) + "\n")
+
+
+class InjectNonFinite(L.Callback):
+    """At the chosen global steps (the step about to be taken), makes the backbone's output NaN in every forward
+    pass with gradients (`where: loss`) or one gradient inf after backward (`where: grad`). Sampling, which runs
+    without gradients, is left alone."""
+
+    def __init__(self, steps: list[int], where: str = "loss") -> None:
+        self.steps, self.where = set(steps), where
+        self._handle: Any = None
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step in self.steps
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.where == "loss" and self._handle is None:
+
+            def poison(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+                if torch.is_grad_enabled() and self._active(trainer):
+                    return output * float("nan")
+                return output
+
+            self._handle = pl_module.model.embed_tokens.register_forward_hook(poison)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.where == "grad" and self._active(trainer):
+            grad = next(p for p in pl_module.model.parameters() if p.grad is not None).grad
+            grad.view(-1)[0] = float("inf")

@@ -1,0 +1,223 @@
+"""Fault tolerance through the real CLI and configs with the tiny model: a run killed with SIGKILL after a checkpoint
+and resumed with `ckpt_path=auto` ends in the same state as an uninterrupted run (weights, optimizer, schedule,
+tokens seen, RNG, KL coefficient, and the examples each step trained on); SIGTERM saves `last.ckpt` and exits
+within seconds; a kill during a save keeps the previous checkpoint; non-finite steps are skipped, and too many in a
+row stop the run with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from stagelm.cli.train import train
+from tests.conftest import compose_train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_PRETRAIN = [
+    "model=tiny",
+    "data.builtin_chars=200000",
+    "data.block_size=64",
+    "data.batch_size=16",
+    "data.val_windows=32",
+    "stage.sample_prompts=[]",
+    "stage.warmup_steps=5",
+]
+TINY_SFT = [
+    "stage=sft",
+    "data.builtin_train=300",
+    "data.builtin_val=10",
+    "data.eval_examples=4",
+    "data.batch_size=8",
+    "stage.eval_max_new_tokens=8",
+    "stage.warmup_steps=5",
+]
+TINY_PREFERENCE = [
+    "data.builtin_train=200",
+    "data.builtin_val=16",
+    "data.batch_size=8",
+    "data.eval_examples=4",
+    "stage.warmup_steps=2",
+]
+TINY_PPO = [
+    "stage=ppo",
+    "data.batch_size=4",
+    "data.builtin_train=64",
+    "data.builtin_val=8",
+    "data.eval_examples=4",
+    "data.eval_batch_size=4",
+    "stage.max_new_tokens=12",
+    "stage.eval_max_new_tokens=8",
+    "stage.mini_batch_size=2",
+    "stage.ppo_epochs=2",
+    "stage.calibration_prompts=8",
+    "stage.eval_sampled=false",
+    "stage.warmup_steps=1",
+]
+TINY_GRPO = [
+    "stage=grpo",
+    "data.batch_size=2",
+    "stage.num_generations=4",
+    "stage.max_new_tokens=16",
+    "stage.eval_max_new_tokens=8",
+    "data.builtin_train=50",
+    "data.builtin_val=8",
+    "data.eval_examples=4",
+    "data.eval_batch_size=4",
+    "stage.pass_k=2",
+    "stage.pass_k_examples=2",
+    "data.max_prompt_length=200",
+    "stage.warmup_steps=1",
+]
+
+
+def _last(run: Path) -> Path:
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tiny pre-training -> SFT -> reward model, seconds: the starting points of the later stages."""
+    tmp = tmp_path_factory.mktemp("chain")
+    train(compose_train(tmp / "pre", *TINY_PRETRAIN, "trainer.max_steps=30", "trainer.val_check_interval=30"))
+    pre = _last(tmp / "pre" / "run")
+    train(compose_train(tmp / "sft", *TINY_SFT, f"init_from={pre}", "trainer.max_steps=10"))
+    sft = _last(tmp / "sft" / "run")
+    train(compose_train(tmp / "rm", "stage=reward", f"init_from={sft}", *TINY_PREFERENCE, "trainer.max_steps=10"))
+    return {"pretrain": pre, "sft": sft, "reward": _last(tmp / "rm" / "run")}
+
+
+def stage_args(stage: str, chain: dict[str, Path], steps: int) -> list[str]:
+    """Overrides of a short run of `stage`: validation twice, last.ckpt every few steps besides."""
+    every = max(1, steps // 4)
+    common = [
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps // 2}",
+        f"checkpoint_every_n_steps={every}",
+        "trainer.limit_val_batches=2",
+    ]
+    specific = {
+        "pretrain": TINY_PRETRAIN,
+        "sft": [*TINY_SFT, f"init_from={chain.get('pretrain')}"],
+        "reward": ["stage=reward", *TINY_PREFERENCE, f"init_from={chain.get('sft')}"],
+        "dpo": ["stage=dpo", *TINY_PREFERENCE, "stage.eval_max_new_tokens=8", f"init_from={chain.get('sft')}"],
+        "ppo": [*TINY_PPO, f"init_from={chain.get('sft')}", f"reward_model={chain.get('reward')}"],
+        "grpo": [*TINY_GRPO, f"init_from={chain.get('sft')}", "stage.beta=0.04"],
+    }[stage]
+    return [*specific, *common]
+
+
+def recorder(path: Path) -> list[str]:
+    return ["+callbacks.recorder._target_=tests.fault_hooks.BatchRecorder", f"+callbacks.recorder.path={path}"]
+
+
+def spawn_train(root: Path, *args: str) -> subprocess.Popen:
+    """`stagelm-train` in a subprocess, writing to root/run, with the same thread count as this process (float
+    reductions, hence bitwise results, depend on it)."""
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "stagelm.cli.train",
+        "logger=none",
+        f"paths.log_dir={root}/logs",
+        f"paths.cache_dir={root}/cache",
+        f"hydra.run.dir={root}/run",
+        *args,
+    ]
+    log = open(root / "subprocess.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition: Any, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_equal_state(a: Any, b: Any, where: str) -> None:
+    """Nested checkpoint contents equal: tensors bitwise, everything else by value."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, set(a) ^ set(b)))}"
+        for k in a:
+            assert_equal_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def in_run_folder(value: Any, run: Path) -> Any:
+    """`value` with the run folder's path written as <run> (keys included): each run writes in its own."""
+    if isinstance(value, str):
+        return value.replace(str(run), "<run>")
+    if isinstance(value, dict):
+        return {in_run_folder(k, run): in_run_folder(v, run) for k, v in value.items()}
+    return value
+
+
+def kill_and_resume(stage: str, chain: dict[str, Path], tmp_path: Path, steps: int) -> None:
+    args = stage_args(stage, chain, steps)
+    train(compose_train(tmp_path / "a", *args, *recorder(tmp_path / "a.jsonl")))
+    (tmp_path / "b").mkdir()
+    killed = spawn_train(tmp_path / "b", *args, *recorder(tmp_path / "b.jsonl"))
+    last = _last(tmp_path / "b" / "run")
+    wait_for(last.exists, killed, 300, "the first checkpoint")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    assert killed.returncode == -signal.SIGKILL
+    saved_at = torch.load(last, weights_only=False)["global_step"]
+    assert 0 < saved_at < steps, saved_at
+    train(compose_train(tmp_path / "b", *args, *recorder(tmp_path / "c.jsonl"), "ckpt_path=auto"))
+
+    full = torch.load(_last(tmp_path / "a" / "run"), weights_only=False)
+    resumed = torch.load(last, weights_only=False)
+    assert full["global_step"] == resumed["global_step"] == steps
+    assert full["stagelm"]["tokens_seen"] == resumed["stagelm"]["tokens_seen"] > 0
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "rng", "callbacks", "ppo"):
+        if key in full or key in resumed:
+            a, b = in_run_folder(full.get(key), tmp_path / "a"), in_run_folder(resumed.get(key), tmp_path / "b")
+            assert_equal_state(a, b, key)
+    # the data: steps before the checkpoint from the killed run, the rest from the resumed one, no step twice
+    before = [r for r in records(tmp_path / "b.jsonl") if r["step"] < saved_at]
+    after = records(tmp_path / "c.jsonl")
+    assert after[0]["step"] == saved_at
+    assert before + after == records(tmp_path / "a.jsonl")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_kill9_and_resume_ends_in_the_uninterrupted_state(stage: str, chain: dict[str, Path], tmp_path: Path) -> None:
+    kill_and_resume(stage, chain, tmp_path, steps=40 if stage == "pretrain" else 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["reward", "dpo", "ppo", "grpo"])
+def test_kill9_and_resume_later_stages(stage: str, chain: dict[str, Path], tmp_path: Path) -> None:
+    kill_and_resume(stage, chain, tmp_path, steps=8)
