@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 
 from stagelm.checkpoint import load_checkpoint, load_weights_strict, stagelm_metadata, submodule_state
@@ -42,6 +43,10 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _no_closure() -> None:
+    """Manual optimization computes the loss and gradients before stepping."""
 
 
 def rng_states() -> dict[str, Any]:
@@ -117,6 +122,19 @@ class StageModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def step_optimizer(self, optimizer: LightningOptimizer, max_grad_norm: float | None, count: bool = True) -> None:
+        """One update in manual optimization (PPO, GRPO): clip, step through Lightning's strategy and precision
+        plugin (so mixed precision, sharded strategies, `on_before_optimizer_step` hooks and the non-finite guard
+        all see it), zero the gradients. `count=False` leaves the trainer's step count alone: PPO counts one
+        trainer step per iteration, however many mini-batch updates it holds."""
+        if max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        if count:
+            optimizer.step()
+        else:  # what LightningOptimizer.step does, without its progress bookkeeping
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure, model=self)
+        optimizer.zero_grad()
 
     # --- throughput ---------------------------------------------------------------------------------------------
     def log_throughput(self, tokens: int) -> None:

@@ -312,9 +312,7 @@ class GRPOModule(StageModule):
                 # weighted by the chunk's share, the micro-batches' gradients add up to the whole batch's
                 self.manual_backward(result.loss * chunk.weight + out.aux_loss / len(chunks))
                 stats.add(chunk, result, logp.detach(), entropy.detach(), out.aux_loss.detach(), len(chunks))
-            if self.max_grad_norm:
-                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
+            self.step_optimizer(optimizer, self.max_grad_norm)
             schedule.step()
             passes.append(stats)
         return passes

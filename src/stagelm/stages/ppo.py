@@ -240,12 +240,7 @@ class PPOModule(StageModule):
     def _optimizer_step(self, count: bool) -> None:
         optimizers = self.optimizers()
         for i, opt in enumerate(optimizers if isinstance(optimizers, list) else [optimizers]):
-            if self.max_grad_norm:
-                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-            # Lightning counts every LightningOptimizer.step as a trainer step; stepping the wrapped optimizer
-            # for all but the iteration's last update keeps one trainer step per PPO iteration
-            (opt.step if count and i == 0 else opt.optimizer.step)()
-            opt.zero_grad()
+            self.step_optimizer(opt, self.max_grad_norm, count=count and i == 0)
 
     # --- rollouts and scores ------------------------------------------------------------------------------------
     def _generator(self, offset: int) -> torch.Generator:
