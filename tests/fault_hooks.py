@@ -64,3 +64,18 @@ class InjectNonFinite(L.Callback):
         if self.where == "grad" and self._active(trainer):
             grad = next(p for p in pl_module.model.parameters() if p.grad is not None).grad
             grad.view(-1)[0] = float("inf")
+
+
+class WeightDigests(L.Callback):
+    """Appends {"step", "digest"} after every training step: a digest of the policy's weights, to tell which steps
+    changed them."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        h = hashlib.sha1()
+        for tensor in pl_module.model.state_dict().values():
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": trainer.global_step, "digest": h.hexdigest()}) + "\n")

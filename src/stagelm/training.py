@@ -188,6 +188,7 @@ class NonFiniteGuard(Callback):
             bad = first_nonfinite_gradient(pl_module, optimizer)
         if bad is None:
             self.in_a_row, self._first_bad = 0, None
+            pl_module.log("train/skipped_steps", float(self.skipped))
             return
         optimizer.zero_grad(set_to_none=True)
         self.skipped += 1

@@ -221,3 +221,149 @@ def test_kill9_and_resume_ends_in_the_uninterrupted_state(stage: str, chain: dic
 @pytest.mark.parametrize("stage", ["reward", "dpo", "ppo", "grpo"])
 def test_kill9_and_resume_later_stages(stage: str, chain: dict[str, Path], tmp_path: Path) -> None:
     kill_and_resume(stage, chain, tmp_path, steps=8)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_last_ckpt_and_exits_within_seconds(signum: int, chain: dict[str, Path], tmp_path: Path) -> None:
+    # no periodic checkpoint and a validation only at the end: what the signal saves is the only last.ckpt
+    args = [
+        *TINY_PRETRAIN,
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=100000",
+        "checkpoint_every_n_steps=0",
+    ]
+    proc = spawn_train(tmp_path, *args, *recorder(tmp_path / "steps.jsonl"))
+    steps = tmp_path / "steps.jsonl"
+    wait_for(lambda: steps.exists() and len(steps.read_text().splitlines()) >= 5, proc, 120, "five training steps")
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    proc.wait(60)
+    took = time.monotonic() - sent
+    output = (tmp_path / "subprocess.log").read_text()
+    assert proc.returncode == 128 + signum, output[-2000:]
+    assert took < 10, took
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} at step" in output and "ckpt_path=auto" in output
+    assert "Traceback" not in output
+    saved = torch.load(_last(tmp_path / "run"), weights_only=False)
+    assert saved["global_step"] >= 5
+    # relaunching the same command resumes from there
+    resumed = compose_train(tmp_path, *TINY_PRETRAIN, f"trainer.max_steps={saved['global_step'] + 2}", "ckpt_path=auto")
+    train(resumed)
+    assert torch.load(_last(tmp_path / "run"), weights_only=False)["global_step"] == saved["global_step"] + 2
+
+
+def test_ddp_sigterm_saves_and_stops_both_processes(chain: dict[str, Path], tmp_path: Path) -> None:
+    args = [
+        *TINY_PRETRAIN,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=100000",
+        "checkpoint_every_n_steps=0",
+    ]
+    proc = spawn_train(tmp_path, *args, *recorder(tmp_path / "steps.jsonl"))
+    steps = tmp_path / "steps.jsonl"
+    wait_for(lambda: steps.exists() and len(steps.read_text().splitlines()) >= 5, proc, 180, "five training steps")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    output = (tmp_path / "subprocess.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert time.monotonic() - sent < 15
+    assert "stopped by SIGTERM at step" in output
+    assert torch.load(_last(tmp_path / "run"), weights_only=False)["global_step"] >= 5
+
+
+SAVER = """
+import sys, time
+from pathlib import Path
+from stagelm.training import AtomicCheckpointIO
+
+class SlowToPickle:
+    # pickling it announces that the save has started, then stalls: the test kills the process there
+    def __reduce__(self):
+        Path(sys.argv[2]).write_text("saving")
+        time.sleep(60)
+        return (int, (0,))
+
+AtomicCheckpointIO().save_checkpoint({"global_step": 2, "state_dict": {}, "stall": SlowToPickle()}, sys.argv[1])
+"""
+
+
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    from stagelm.training import AtomicCheckpointIO
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1, "state_dict": {"w": torch.arange(1000)}}, last)
+    before = last.read_bytes()
+    started = tmp_path / "started"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(last), str(started)], env=env)
+    wait_for(started.exists, proc, 60, "the save to start")
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert last.read_bytes() == before  # the previous complete checkpoint, untouched
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    assert [p.name for p in last.parent.iterdir()] != ["last.ckpt"]  # the partial file lies beside, never in place
+
+
+def nonfinite(steps: list[int], where: str) -> list[str]:
+    return [
+        "+callbacks.inject._target_=tests.fault_hooks.InjectNonFinite",
+        f"+callbacks.inject.steps={steps}",
+        f"+callbacks.inject.where={where}",
+    ]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "grpo"])  # automatic and manual optimization
+def test_nonfinite_steps_are_skipped_and_leave_the_weights_untouched(
+    stage: str, chain: dict[str, Path], tmp_path: Path
+) -> None:
+    from stagelm.training import NonFiniteGuard
+
+    digests = tmp_path / "weights.jsonl"
+    where = "loss" if stage == "pretrain" else "grad"
+    metrics = train(
+        compose_train(
+            tmp_path,
+            *stage_args(stage, chain, steps=6),
+            *nonfinite([2, 3], where),  # the 3rd and 4th steps
+            "+callbacks.weights._target_=tests.fault_hooks.WeightDigests",
+            f"+callbacks.weights.path={digests}",
+        )
+    )
+    after = [r["digest"] for r in records(digests)]  # the weights after steps 1..6
+    assert len(after) == 6 and len(set(after)) == 4, after
+    assert after[1] == after[2] == after[3]  # steps 3 and 4 changed nothing
+    saved = torch.load(_last(tmp_path / "run"), weights_only=False)
+    guard = next(v for k, v in saved["callbacks"].items() if k.startswith(NonFiniteGuard.__name__))
+    assert guard == {"skipped": 2, "in_a_row": 0}
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    assert all(torch.isfinite(t).all() for st in saved["optimizer_states"][0]["state"].values() for t in st.values())
+    assert metrics["train/skipped_steps"] == 2
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_error(chain: dict[str, Path], tmp_path: Path) -> None:
+    proc = spawn_train(
+        tmp_path,
+        *stage_args("pretrain", chain, steps=20),
+        "max_nonfinite_steps=3",
+        *nonfinite(list(range(8, 20)), "loss"),
+    )
+    proc.wait(120)
+    output = (tmp_path / "subprocess.log").read_text()
+    assert proc.returncode == 2, output[-2000:]
+    error = [line for line in output.splitlines() if line.startswith("error:")]
+    assert error == [error[0]] and "step 11: 3 optimizer steps in a row had non-finite values" in error[0], output[
+        -2000:
+    ]
+    assert "first: the loss (nan)" in error[0]
+    assert "Traceback" not in output
+    # the last checkpoint holds good weights: the validation's at step 10, after two skipped steps
+    saved = torch.load(_last(tmp_path / "run"), weights_only=False)
+    assert saved["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
