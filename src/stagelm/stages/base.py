@@ -4,6 +4,7 @@ the stagelm metadata that makes every checkpoint self-sufficient."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -77,6 +78,9 @@ class StageModule(L.LightningModule):
     """Base LightningModule: subclasses implement training_step/validation_step for their objective."""
 
     stage_name = "base"
+    # attributes holding frozen models (a reference policy, a reward model): rebuilt from their paths when the
+    # module is built (on resume too), kept in eval mode, and never saved in checkpoints
+    frozen: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -102,6 +106,20 @@ class StageModule(L.LightningModule):
         self._step_started: float | None = None
         self.tokens_seen = 0  # training tokens over all processes, kept across resumes (checkpoint metadata)
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, saved in checkpoints
+        if self.frozen:
+            self.strict_loading = False  # checkpoints leave the frozen models out
+
+    def frozen_reference(self) -> Transformer:
+        """The frozen reference policy (DPO, PPO, GRPO): a copy of the policy as it starts, i.e. of `init_from`.
+        A resumed run rebuilds it the same way, from the same (manifest-checked) `init_from`."""
+        return copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> StageModule:
+        super().train(mode)
+        for name in self.frozen:  # Lightning puts the whole module in train mode; frozen models never are
+            if (module := getattr(self, name, None)) is not None:
+                module.eval()
+        return self
 
     def load_backbone(self, path: str) -> None:
         loaded = load_checkpoint(path)
@@ -157,6 +175,10 @@ class StageModule(L.LightningModule):
             run_config=self.run_config,
             tokens_seen=self.tokens_seen,
         )
+        prefixes = tuple(f"{name}." for name in self.frozen)
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if prefixes and k.startswith(prefixes)]:
+            del state[key]
 
         checkpoint["rng"] = rng_states()
 
