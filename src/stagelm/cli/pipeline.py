@@ -27,19 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from stagelm import __version__
 from stagelm.config import register_resolvers
+from stagelm.stages.facts import STAGES
 
 log = logging.getLogger("stagelm.pipeline")
 register_resolvers()
 
-# which stage's checkpoint each stage starts from (the first one present in the pipeline)
-UPSTREAM = {
-    "pretrain": [],
-    "sft": ["pretrain"],
-    "reward": ["sft"],
-    "ppo": ["sft"],
-    "dpo": ["sft"],
-    "grpo": ["ppo", "sft"],
-}
 # config groups of conf/train.yaml: per-stage keys not in this list are settings of the stage itself
 GROUP_KEYS = {
     "model",
@@ -105,18 +97,18 @@ def group_choice(cfg: DictConfig, group: str) -> str:
 
 def plan(cfg: DictConfig, out_dir: Path, model: str) -> list[StagePlan]:
     stages = list(cfg.stages)
-    unknown = [s for s in stages if s not in UPSTREAM]
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise SystemExit(f"error: unknown stage(s) {unknown}; choose from {list(UPSTREAM)}")
+        raise SystemExit(f"error: unknown stage(s) {unknown}; choose from {list(STAGES)}")
     plans: dict[str, StagePlan] = {}
     common = stage_overrides(OmegaConf.to_container(cfg.common, resolve=True) or {})
     for name in stages:
-        parents = [p for p in UPSTREAM[name] if p in plans][:1]
-        if UPSTREAM[name] and not parents:
-            raise SystemExit(f"error: stage {name} needs one of {UPSTREAM[name]} before it in `stages`")
+        parents = [p for p in STAGES[name].upstream if p in plans][:1]
+        if STAGES[name].upstream and not parents:
+            raise SystemExit(f"error: stage {name} needs one of {STAGES[name].upstream} before it in `stages`")
         init_from = str(out_dir / parents[0] / "checkpoints" / "last.ckpt") if parents else None
         reward_model = None
-        if name == "ppo":
+        if STAGES[name].needs_reward_model:
             if "reward" not in plans:
                 raise SystemExit("error: stage ppo needs stage reward before it in `stages`")
             reward_model = str(out_dir / "reward" / "checkpoints" / "last.ckpt")
@@ -230,7 +222,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def open_stage_settings(argv: list[str]) -> list[str]:
     """Per-stage settings are free-form (`grpo.beta=0`), but Hydra only adds new keys with `++`: add it."""
-    free = tuple(f"{name}." for name in [*UPSTREAM, "common"])
+    free = tuple(f"{name}." for name in [*STAGES, "common"])
     return [f"++{a}" if a.startswith(free) and "=" in a else a for a in argv]
 
 

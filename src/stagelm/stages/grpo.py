@@ -19,7 +19,7 @@ The first pass also checks that the training forward reproduces the sampler's lo
 the same learning rate on the same samples, but no information from the verifier. Comparing with it is how a gain
 is credited to the reward rather than to extra training (which alone can add points to an under-trained model).
 
-Validation: greedy accuracy on held-out problems (`val/accuracy`, per level), `val/pass@k` (k samples at
+Validation: greedy accuracy on held-out problems (`val/accuracy`, per level), `val/pass@k` (`pass_k` samples at
 `eval_temperature`), the share of replies in the rewarded format, and a table of sample replies.
 """
 
@@ -371,7 +371,7 @@ class GRPOModule(StageModule):
         self.log("val/format", self.val_format.compute(), sync_dist=True)
         self.log("val/completion_len", self.val_length.compute(), sync_dist=True)
         if self.val_pass_k.update_count:
-            self.log(f"val/pass@{self.pass_k}", self.val_pass_k.compute(), sync_dist=True)
+            self.log("val/pass@k", self.val_pass_k.compute(), sync_dist=True)  # k is stage.pass_k
         for key, metric in self.val_by_level.items():
             self.log(f"val/accuracy_{key}", metric.compute(), sync_dist=True)
             metric.reset()
