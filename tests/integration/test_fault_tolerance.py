@@ -372,3 +372,42 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_error(chain: dict[s
     saved = torch.load(_last(tmp_path / "run"), weights_only=False)
     assert saved["global_step"] == 10
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_flipped_byte_in_a_stage_output_is_refused_naming_the_file(chain: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from stagelm.checkpoint import MANIFEST
+    from stagelm.cli.pipeline import StagePlan, check_inputs
+    from stagelm.errors import CheckpointError
+
+    copied = tmp_path / "sft" / "checkpoints"
+    shutil.copytree(chain["sft"].parent, copied)
+    manifest = json.loads((copied / MANIFEST).read_text())
+    assert manifest["stage"] == "sft" and set(manifest["sha256"]) >= {"last.ckpt"} and manifest["config_hash"]
+    ckpt = copied / "last.ckpt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"init_from={ckpt} changed since its run finished"):
+        train(compose_train(tmp_path / "dpo", *stage_args("dpo", {"sft": ckpt}, steps=2)))
+    assert time.perf_counter() - started < 10
+    with pytest.raises(SystemExit, match=f"stage dpo: init_from={ckpt} changed"):
+        check_inputs(StagePlan("dpo", str(ckpt), None, [], "key"))
+
+
+def test_a_resume_refuses_an_init_from_that_changed_under_it(chain: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from stagelm.errors import CheckpointError
+
+    start = tmp_path / "start" / "last.ckpt"
+    start.parent.mkdir()
+    shutil.copy(chain["pretrain"], start)  # no manifest beside it: taken as it is, its digest recorded
+    args = stage_args("sft", {"pretrain": start}, steps=4)
+    train(compose_train(tmp_path, *args))
+    shutil.copy(chain["sft"], start)  # another model at the same path
+    with pytest.raises(CheckpointError, match="init_from changed since this run started"):
+        train(compose_train(tmp_path, *args[:-4], "trainer.max_steps=6", "ckpt_path=auto"))

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
-from stagelm.checkpoint import load_checkpoint, read_checkpoint
+from stagelm.checkpoint import config_hash, load_checkpoint, read_checkpoint, verify_against_manifest, write_manifest
 from stagelm.config import register_resolvers
 from stagelm.errors import CheckpointError, ConfigError, StagelmError
 from stagelm.model import ModelConfig
@@ -79,6 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
 
     if cfg.get("init_from"):
+        verify_against_manifest(cfg.init_from, "init_from")  # before anything else: a clear error, in seconds
         loaded = load_checkpoint(cfg.init_from)
         tokenizer, model_config = loaded.tokenizer, loaded.model_config
         log.info("starting from %s (stage %s)", cfg.init_from, loaded.stage)
@@ -148,6 +149,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         }
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        if last:
+            write_manifest(Path(last).parent, module.stage_name, config_hash(module.run_config))
         if cfg.get("print_samples") and hasattr(module, "sample_completions"):
             print("\nsamples (greedy):")
             for prompt, completion in module.sample_completions():

@@ -17,7 +17,13 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 
-from stagelm.checkpoint import load_checkpoint, load_weights_strict, stagelm_metadata, submodule_state
+from stagelm.checkpoint import (
+    load_checkpoint,
+    load_weights_strict,
+    stagelm_metadata,
+    submodule_state,
+    verify_against_manifest,
+)
 from stagelm.errors import CheckpointError
 from stagelm.model import ModelConfig, Transformer
 from stagelm.tokenizer import Tokenizer
@@ -99,7 +105,10 @@ class StageModule(L.LightningModule):
         self.weight_decay, self.warmup_steps, self.min_lr_ratio = weight_decay, warmup_steps, min_lr_ratio
         self.init_from = init_from
         self.model = Transformer(model_config)
+        # sha256 of every checkpoint this run is built from (init_from; PPO adds its reward model)
+        self.input_digests: dict[str, str] = {}
         if init_from:
+            self.input_digests["init_from"] = verify_against_manifest(init_from, "init_from")
             self.load_backbone(init_from)
         # compile the inner nn.Module only: Dynamo cannot trace Lightning's self.log
         self.forward_model = torch.compile(self.model) if compile else self.model
@@ -174,6 +183,7 @@ class StageModule(L.LightningModule):
             self.stage_name,
             run_config=self.run_config,
             tokens_seen=self.tokens_seen,
+            inputs=self.input_digests,
         )
         prefixes = tuple(f"{name}." for name in self.frozen)
         state = checkpoint.get("state_dict", {})
@@ -183,6 +193,13 @@ class StageModule(L.LightningModule):
         checkpoint["rng"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = checkpoint.get("stagelm", {}).get("inputs", {})
+        for role, digest in recorded.items():
+            if role in self.input_digests and self.input_digests[role] != digest:
+                raise CheckpointError(
+                    f"{role} changed since this run started (sha256 {self.input_digests[role][:16]}..., the run "
+                    f"began from {digest[:16]}...): resuming would rebuild a different frozen model; start afresh"
+                )
         self.tokens_seen = int(checkpoint.get("stagelm", {}).get("tokens_seen", 0))
         self._rng_to_restore = checkpoint.get("rng")
 

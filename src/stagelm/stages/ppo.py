@@ -39,6 +39,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 
 from stagelm.chat import parse_assistant
+from stagelm.checkpoint import verify_against_manifest
 from stagelm.errors import CheckpointError, ConfigError
 from stagelm.evaluation import win_score
 from stagelm.losses import (
@@ -155,6 +156,7 @@ class PPOModule(StageModule):
         self.kl_ctl = AdaptiveKLController(kl_coef, target_kl, horizon) if adaptive_kl else FixedKLController(kl_coef)
 
         self.ref_model = self.frozen_reference()
+        self.input_digests["reward_model"] = verify_against_manifest(reward_model, "reward_model")
         rm = RewardModel.load(reward_model)
         if rm.tokenizer.to_dict() != self.tokenizer.to_dict():
             raise CheckpointError(
