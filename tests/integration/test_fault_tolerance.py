@@ -411,3 +411,53 @@ def test_a_resume_refuses_an_init_from_that_changed_under_it(chain: dict[str, Pa
     shutil.copy(chain["sft"], start)  # another model at the same path
     with pytest.raises(CheckpointError, match="init_from changed since this run started"):
         train(compose_train(tmp_path, *args[:-4], "trainer.max_steps=6", "ckpt_path=auto"))
+
+
+@pytest.mark.slow
+def test_pipeline_hands_stages_on_through_manifests_and_refuses_a_changed_one(tmp_path: Path) -> None:
+    """Two tiny stages through `stagelm-pipeline`: a string setting with a comma reaches the stage intact, each stage
+    leaves a manifest, a second run skips both, and after a flipped byte in pretrain's output the next run stops
+    at the stage that starts from it, naming the file."""
+    from stagelm.cli.pipeline import main
+    from tests.conftest import run_main_in_process
+
+    out = tmp_path / "p"
+    args = [
+        f"out_dir={out}",
+        "model=tiny",
+        "stages=[pretrain,sft]",
+        f"pretrain.paths.cache_dir={tmp_path}/cache",
+        "pretrain.trainer.max_steps=6",
+        "pretrain.trainer.val_check_interval=6",
+        "pretrain.data.builtin_chars=100000",
+        "pretrain.trainer.limit_val_batches=2",
+        "pretrain.stage.sample_prompts=['12, 7 and 3', 'Tom has']",
+        "sft.trainer.max_steps=2",
+        "sft.trainer.val_check_interval=2",
+        "sft.data.builtin_train=50",
+        "sft.data.builtin_val=4",
+        "sft.data.eval_examples=2",
+        "sft.stage.eval_max_new_tokens=4",
+        "report_prompts=[]",
+    ]
+    first = run_main_in_process(main, *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("pretrain", "sft"):
+        assert (out / stage / "checkpoints" / "manifest.json").is_file()
+    ran = torch.load(_last(out / "pretrain"), weights_only=False)["stagelm"]["run_config"]
+    assert ran["stage"]["sample_prompts"] == ["12, 7 and 3", "Tom has"]
+    again = run_main_in_process(main, *args, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 2, again.stdout[-2000:]
+
+    ckpt = _last(out / "pretrain")
+    data = bytearray(ckpt.read_bytes())
+    data[-100] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=f"stage sft: init_from={ckpt} changed since its run finished"):
+        import sys
+
+        saved, sys.argv = sys.argv, ["stagelm-pipeline", *args]
+        try:
+            main()
+        finally:
+            sys.argv = saved
