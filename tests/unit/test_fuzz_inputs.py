@@ -96,52 +96,70 @@ READERS = {
 
 @st.composite
 def mutated(draw: st.DrawFn, kind: str) -> Any:
-    """A valid record of `kind` with a field dropped, replaced by a random value, or added."""
-    record = dict(draw(st.sampled_from(VALID[kind])))
-    action = draw(st.sampled_from(["drop", "replace", "replace_nested", "add", "keep"]))
-    key = draw(st.sampled_from(sorted(record)))
-    if action == "drop":
-        del record[key]
-    elif action == "replace":
-        record[key] = draw(json_values | messages)
-    elif action == "replace_nested" and isinstance(record[key], list) and record[key]:
-        i = draw(st.integers(0, len(record[key]) - 1))
-        record[key] = [
-            *record[key][:i],
-            draw(json_values | messages.map(lambda m: m[0] if m else {})),
-            *record[key][i + 1 :],
-        ]
-    elif action == "add":
-        record[draw(st.sampled_from(["tools", "answer", "level", "family", "solution"]))] = draw(json_values | messages)
+    """A valid record of `kind` after one or two mutations: a field dropped, replaced by a random value or
+    message list, one of its messages' fields changed, or a field added."""
+    record = json.loads(json.dumps(draw(st.sampled_from(VALID[kind]))))
+    for _ in range(draw(st.integers(1, 2))):
+        action = draw(st.sampled_from(["drop", "replace", "message", "message", "add"]))
+        if not record:
+            break
+        key = draw(st.sampled_from(sorted(record)))
+        if action == "drop":
+            del record[key]
+        elif action == "replace":
+            record[key] = draw(json_values | messages)
+        elif action == "message" and isinstance(record[key], list) and record[key]:
+            target = draw(st.sampled_from(record[key]))
+            if isinstance(target, dict):
+                field = draw(st.sampled_from(["role", "content", "tool_calls", "tool_call_id"]))
+                target[field] = draw(json_values | roles | messages)
+        elif action == "add":
+            record[draw(st.sampled_from(["tools", "answer", "level", "family", "solution", "input"]))] = draw(
+                json_values | messages
+            )
     return record
 
 
-def lines(kind: str) -> st.SearchStrategy[list[str]]:
+def records_file(kind: str) -> st.SearchStrategy[list[str]]:
+    return st.lists(mutated(kind).map(json.dumps), min_size=1, max_size=3)
+
+
+def garbage_file(kind: str) -> st.SearchStrategy[list[str]]:
     record_line = mutated(kind).map(json.dumps)
     garbage = st.text(max_size=20) | json_values.map(json.dumps) | record_line.map(lambda s: s[: len(s) // 2])
-    return st.lists(record_line | garbage, min_size=1, max_size=5)
+    return st.lists(record_line | garbage, min_size=1, max_size=4)
 
 
 # --- properties -----------------------------------------------------------------------------------------------
 LOCATED = re.compile(r"^(?P<path>.+?):(?P<line>\d+): ")
 
 
+@pytest.mark.parametrize("garbage", [False, True], ids=["mutated-records", "garbage-lines"])
 @pytest.mark.parametrize("kind", sorted(READERS))
 @FUZZ
 @given(data=st.data())
-def test_jsonl_readers_read_or_name_file_and_line(kind: str, data: st.DataObject, tmp_path: Path) -> None:
-    content = data.draw(lines(kind))
+def test_jsonl_readers_read_or_name_file_and_line(
+    kind: str, garbage: bool, data: st.DataObject, tmp_path: Path
+) -> None:
+    content = data.draw(garbage_file(kind) if garbage else records_file(kind))
     path = tmp_path / f"{kind}.jsonl"
     path.write_text("\n".join(content) + "\n", encoding="utf-8")
     try:
-        READERS[kind](str(path))
+        items = READERS[kind](str(path))
     except DataError as e:
         message = str(e)
         located = LOCATED.match(message)
         if located is None:  # only whole-file problems may go without a line
-            assert message.startswith(str(path)) and ("no records" in message or "holds no text" in message), message
+            assert str(path) in message and ("no records" in message or "holds no text" in message), message
         else:
             assert located["path"] == str(path) and 1 <= int(located["line"]) <= len(content), message
+        return
+    for item in items:  # what a reader accepts, the chat format renders (no surprise when training starts)
+        if kind in ("instruct", "prompts", "math"):
+            render(item.messages, tools=getattr(item, "tools", None))
+        elif kind == "preference":
+            render(item.prompt + item.chosen, tools=item.tools)
+            render(item.prompt + item.rejected, tools=item.tools)
 
 
 @FUZZ

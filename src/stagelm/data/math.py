@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render
-from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.jsonl import check_renders, iter_jsonl
 from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
@@ -92,6 +92,7 @@ def to_problem(record: dict[str, Any], where: str) -> MathProblem:
         solution = record.get("solution", solution)
     if not messages or messages[-1].get("role") != "user":
         raise DataError(f"{where}: the prompt must end with a user turn")
+    check_renders(messages, None, where, "prompt")
     level = record.get("level")
     if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
         raise DataError(f"{where}: 'level' must be an integer, found {level!r}")
