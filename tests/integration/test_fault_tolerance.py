@@ -258,7 +258,8 @@ def test_a_signal_saves_last_ckpt_and_exits_within_seconds(signum: int, chain: d
     assert torch.load(_last(tmp_path / "run"), weights_only=False)["global_step"] == saved["global_step"] + 2
 
 
-def test_ddp_sigterm_saves_and_stops_both_processes(chain: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.slow  # two processes start twice: about a minute
+def test_ddp_sigterm_saves_stops_and_resumes(chain: dict[str, Path], tmp_path: Path) -> None:
     args = [
         *TINY_PRETRAIN,
         "trainer=ddp",
@@ -279,7 +280,15 @@ def test_ddp_sigterm_saves_and_stops_both_processes(chain: dict[str, Path], tmp_
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert time.monotonic() - sent < 15
     assert "stopped by SIGTERM at step" in output
-    assert torch.load(_last(tmp_path / "run"), weights_only=False)["global_step"] >= 5
+    saved = torch.load(_last(tmp_path / "run"), weights_only=False)["global_step"]
+    assert saved >= 5
+    # relaunched under DDP, it resumes there; each process continues its share of the data where it stopped
+    (tmp_path / "steps.jsonl").unlink()
+    again = [a for a in args if not a.startswith("trainer.max_steps")] + [f"trainer.max_steps={saved + 3}"]
+    proc = spawn_train(tmp_path, *again, "ckpt_path=auto", *recorder(tmp_path / "steps.jsonl"))
+    assert proc.wait(180) == 0, (tmp_path / "subprocess.log").read_text()[-3000:]
+    assert torch.load(_last(tmp_path / "run"), weights_only=False)["global_step"] == saved + 3
+    assert [r["step"] for r in records(tmp_path / "steps.jsonl")] == [saved, saved + 1, saved + 2]
 
 
 SAVER = """
