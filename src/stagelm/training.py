@@ -102,6 +102,11 @@ class LastCheckpoint(Checkpoint):
 
     # --- signals --------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self._previous_handlers:  # outside a fit (Lightning may re-install this handler when it tears down)
+            previous = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, previous)
+            signal.raise_signal(signum)
+            return
         if signum == signal.SIGINT and self._signal is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the step to end
         self._signal = signum

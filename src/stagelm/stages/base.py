@@ -1,6 +1,8 @@
 """What every stage shares: the backbone built from a ModelConfig (optionally initialised from the checkpoint of
-the stage before), AdamW with weight decay only on matrices, a warmup + cosine schedule, throughput logging, and
-the stagelm metadata that makes every checkpoint self-sufficient."""
+the stage before), AdamW with weight decay only on matrices, a warmup + cosine schedule, throughput logging, the
+stagelm metadata that makes every checkpoint self-sufficient, and what makes a resume exact: the RNG states and
+`tokens_seen` in every checkpoint, the digests of the inputs it was built from, frozen models (references, reward
+models) rebuilt rather than saved, and one optimizer-step convention for the manual-optimization stages."""
 
 from __future__ import annotations
 
