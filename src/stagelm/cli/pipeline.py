@@ -5,8 +5,11 @@
 Each stage runs as its own `stagelm-train` process, initialised from the checkpoint of the stage before, in
 `<out_dir>/<stage>/`. The pipeline is resumable and idempotent: a stage whose output exists for the same
 effective config (a hash of its overrides and of the stages it builds on) is skipped; changing a stage's
-settings re-runs it and every stage after it; an interrupted stage resumes from its `last.ckpt`. At the end it
-writes `report.md`, `report.json` and plots (see `stagelm.report`).
+settings re-runs it and every stage after it; an interrupted stage resumes from its `last.ckpt` (`ckpt_path=auto`).
+Before the first stage runs, every stage's config is composed with exactly the overrides it will get, so a bad
+late-stage setting fails in seconds; values are passed in Hydra's quoted grammar, so any string survives. A stage
+starts only from checkpoints whose bytes match their stage's manifest. At the end it writes `report.md`,
+`report.json` and plots (see `stagelm.report`).
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ def plan(cfg: DictConfig, out_dir: Path, model: str) -> list[StagePlan]:
     return list(plans.values())
 
 
-def train_command_overrides(stage: StagePlan, stage_dir: Path, logger: str, group: str) -> list[str]:
+def train_command_overrides(stage: StagePlan, logger: str, group: str) -> list[str]:
     """Everything the stage's `stagelm-train` gets after the module name: its config, where, and where from. A
     stage interrupted earlier resumes from its own last.ckpt (`ckpt_path=auto`), a fresh one starts anew."""
     overrides = [
@@ -169,8 +172,8 @@ def validate(stages: list[StagePlan], out_dir: Path, logger: str, group: str) ->
         initialize_config_module("stagelm.conf", version_base="1.3")
     try:
         for stage in stages:
-            stage_dir = out_dir / stage.name
-            overrides = [*train_command_overrides(stage, stage_dir, logger, group), f"paths.output_dir={stage_dir}"]
+            output_dir = f"paths.output_dir={_override_value(str(out_dir / stage.name))}"
+            overrides = [*train_command_overrides(stage, logger, group), output_dir]
             try:
                 cfg = compose("train", overrides=overrides)
                 OmegaConf.to_container(cfg, resolve=True)
@@ -218,7 +221,7 @@ def run_stage(stage: StagePlan, out_dir: Path, logger: str, group: str) -> None:
         "-m",
         "stagelm.cli.train",
         f"hydra.run.dir={_override_value(str(stage_dir))}",
-        *train_command_overrides(stage, stage_dir, logger, group),
+        *train_command_overrides(stage, logger, group),
     ]
     result = subprocess.run(command)
     if result.returncode != 0:
