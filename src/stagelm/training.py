@@ -87,6 +87,7 @@ class LastCheckpoint(Checkpoint):
     def __init__(self, dirpath: str, every_n_steps: int = 0) -> None:
         self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
         self._saved_step: int | None = None
+        self._period = 0  # global_step // every_n_steps at the last periodic save
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
 
@@ -136,8 +137,13 @@ class LastCheckpoint(Checkpoint):
             raise Preempted(self._signal or signal.SIGTERM, trainer.global_step, self.path)
 
     # --- when to save -----------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._period = trainer.global_step // self.every_n_steps if self.every_n_steps else 0
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        # a period boundary crossed, not hit: a GRPO batch with mu > 1 advances the step count by mu
+        if self.every_n_steps and trainer.global_step // self.every_n_steps > self._period:
+            self._period = trainer.global_step // self.every_n_steps
             self.save(trainer)
         self._stop_if_signalled(trainer)
 

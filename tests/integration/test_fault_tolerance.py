@@ -184,8 +184,8 @@ def in_run_folder(value: Any, run: Path) -> Any:
     return value
 
 
-def kill_and_resume(stage: str, chain: dict[str, Path], tmp_path: Path, steps: int) -> None:
-    args = stage_args(stage, chain, steps)
+def kill_and_resume(stage: str, chain: dict[str, Path], tmp_path: Path, steps: int, *extra: str) -> None:
+    args = [*stage_args(stage, chain, steps), *extra]
     metrics = train(compose_train(tmp_path / "a", *args, *recorder(tmp_path / "a.jsonl")))
     facts = STAGES[stage]  # what the report and sweeps read must be what the stage logs
     assert {m for m, _ in facts.headlines} | {facts.monitor[0]} <= set(metrics), sorted(metrics)
@@ -223,9 +223,13 @@ def test_kill9_and_resume_ends_in_the_uninterrupted_state(stage: str, chain: dic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["reward", "dpo"])
-def test_kill9_and_resume_preference_stages(stage: str, chain: dict[str, Path], tmp_path: Path) -> None:
-    kill_and_resume(stage, chain, tmp_path, steps=8)
+@pytest.mark.parametrize(
+    ("stage", "extra"),
+    [("reward", []), ("dpo", []), ("grpo", ["stage.mu=2", "checkpoint_every_n_steps=3"])],
+    ids=["reward", "dpo", "grpo-two-updates-per-batch"],
+)
+def test_kill9_and_resume_later_stages(stage: str, extra: list[str], chain: dict[str, Path], tmp_path: Path) -> None:
+    kill_and_resume(stage, chain, tmp_path, 8, *extra)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
