@@ -1,10 +1,12 @@
 """Callbacks the fault-tolerance tests add to real runs (`+callbacks.<name>._target_=tests.fault_hooks.<Class>`):
-one records which examples every step trained on, one makes the numbers non-finite at chosen steps."""
+which examples every step trained on, the numbers made non-finite at chosen steps, a digest of the weights after
+every step, a signal sent in the middle of a validation."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,16 @@ class WeightDigests(L.Callback):
             h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": trainer.global_step, "digest": h.hexdigest()}) + "\n")
+
+
+class SignalDuringValidation(L.Callback):
+    """Sends `signum` to this very process in the middle of the first validation of training: the moment Lightning's
+    own SIGTERM handling, not the end-of-step check, stops the run."""
+
+    def __init__(self, signum: int = 15) -> None:
+        self.signum, self.sent = signum, False
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit" and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

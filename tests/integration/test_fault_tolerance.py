@@ -474,3 +474,15 @@ def test_pipeline_hands_stages_on_through_manifests_and_refuses_a_changed_one(tm
             main()
         finally:
             sys.argv = saved
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation_saves_and_exits_the_same_way(tmp_path: Path) -> None:
+    args = [*TINY_PRETRAIN, "trainer.max_steps=100", "trainer.val_check_interval=5", "checkpoint_every_n_steps=0"]
+    hook = ["+callbacks.signal._target_=tests.fault_hooks.SignalDuringValidation", "+callbacks.signal.signum=15"]
+    proc = spawn_train(tmp_path, *args, *hook)
+    proc.wait(120)
+    output = (tmp_path / "subprocess.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "stopped by SIGTERM at step 5" in output and "Traceback" not in output
+    assert torch.load(_last(tmp_path / "run"), weights_only=False)["global_step"] == 5

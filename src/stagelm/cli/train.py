@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
@@ -129,7 +131,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if isinstance(metric, Metric):
                 metric.reset()
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (a signal during validation); LastCheckpoint saved
+        last_cb = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        if last_cb is None:
+            raise
+        raise Preempted(signal.SIGTERM, trainer.global_step, last_cb.path) from None
     metrics = _scalars(trainer.callback_metrics)
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
