@@ -15,15 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# the metrics that say whether each stage did its job; the first is the one "improved" is judged by
-HEADLINES: dict[str, list[tuple[str, str]]] = {  # stage -> [(metric, "min" | "max")]
-    "pretrain": [("val/loss", "min"), ("val/bpc", "min")],
-    "sft": [("val/exact_match", "max"), ("val/format_ok", "max")],
-    "reward": [("val/accuracy", "max"), ("val/margin", "max")],
-    "ppo": [("val/rm_score", "max"), ("val/win_rate_vs_sft", "max"), ("val/kl", "min")],
-    "dpo": [("val/accuracy", "max"), ("val/win_rate_vs_sft", "max"), ("val/rm_score", "max"), ("val/kl", "min")],
-    "grpo": [("val/accuracy", "max"), ("val/pass@k", "max")],
-}
+from stagelm.stages.facts import STAGES
+
 CURVES = {  # plot file -> metrics drawn (whichever stages logged them)
     "loss.png": ["train/loss"],
     "reward.png": ["ppo/reward_mean", "grpo/reward_mean", "train/rewards_chosen"],
@@ -31,6 +24,10 @@ CURVES = {  # plot file -> metrics drawn (whichever stages logged them)
     "accuracy.png": ["val/exact_match", "val/accuracy", "val/win_rate_vs_sft"],
 }
 CHAT_STAGES = ("pretrain", "sft", "ppo", "dpo", "grpo")  # the reward model is not a chat model
+
+
+def _headlines(stage: str) -> tuple[tuple[str, str], ...]:
+    return STAGES[stage].headlines if stage in STAGES else ()
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -43,7 +40,7 @@ def stage_summary(stage_dir: Path, stage: str) -> dict[str, Any]:
     metrics_file = stage_dir / "metrics.json"
     summary = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"before": {}, "after": {}}
     headline = {}
-    for metric, _ in HEADLINES.get(stage, []):
+    for metric, _ in _headlines(stage):
         before, after = summary["before"].get(metric), summary["after"].get(metric)
         if before is not None or after is not None:
             headline[metric] = {"before": before, "after": after}
@@ -57,7 +54,7 @@ def stage_summary(stage_dir: Path, stage: str) -> dict[str, Any]:
 
 def improved(stage: str, headline: dict[str, dict[str, float | None]]) -> bool | None:
     """Did the stage move its first headline metric the right way? None when it was not measured."""
-    for metric, direction in HEADLINES.get(stage, []):
+    for metric, direction in _headlines(stage):
         values = headline.get(metric)
         if values and values["before"] is not None and values["after"] is not None:
             return values["after"] < values["before"] if direction == "min" else values["after"] > values["before"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from stagelm.generation import generate
 from stagelm.model import Transformer, TransformerOutput
-from stagelm.tokenizer import END_OF_TURN, Tokenizer
+from stagelm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -38,6 +38,43 @@ class Rollout:
 
 
 @torch.no_grad()
+def generate_rollout(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """One reply to each already-rendered prompt (greedy, or sampled), stopping at the end of the assistant's turn:
+    the one way every stage answers prompts (rollouts, validation, evaluation)."""
+    out = generate(
+        model,
+        prompts,
+        max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        stop_tokens=tokenizer.reply_stop_ids,
+        pad_id=tokenizer.pad_id,
+        generator=generator,
+    )
+    input_ids, attention_mask = out.sequences()
+    replies = [tokenizer.decode(ids) for ids in out.completions()]
+    return Rollout(input_ids, attention_mask, out.mask, out.logprobs, out.finished, out.prompt_ids.shape[1], replies)
+
+
+@torch.no_grad()
+def greedy_replies(
+    model: Transformer, tokenizer: Tokenizer, prompt_ids: list[list[int]], max_new_tokens: int
+) -> list[str]:
+    """Greedy replies to already-rendered prompts, ending with `<|end|>` when the model finished its turn."""
+    return generate_rollout(model, tokenizer, prompt_ids, max_new_tokens, greedy=True).replies
+
+
+@torch.no_grad()
 def sample_rollouts(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -50,20 +87,27 @@ def sample_rollouts(
 ) -> Rollout:
     """`samples_per_prompt` replies to each prompt; rows are prompt-major (prompt i owns rows i*G .. i*G+G-1)."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    stops = [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
-    out = generate(
-        model,
-        repeated,
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stop_tokens=stops,
-        pad_id=tokenizer.pad_id,
-        generator=generator,
+    return generate_rollout(model, tokenizer, repeated, max_new_tokens, False, temperature, top_p, generator)
+
+
+def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The given rows of a rollout, with the columns that are padding in every one of them dropped (leading prompt
+    padding, trailing completion padding: the sampler pads to the longest prompt and to max_new_tokens). Positions
+    count real tokens only, so the forward pass over what is left computes the same log-probs. Per-token tensors
+    [B, N] of the whole rollout line up with the result as `[rows, :result.completion_mask.shape[1]]`."""
+    prompt_mask = rollout.attention_mask[rows, : rollout.prompt_width]
+    start = int(prompt_mask.any(0).nonzero()[0]) if prompt_mask.any() else 0
+    width = max(int(rollout.completion_mask[rows].sum(1).max()), 1)
+    end = rollout.prompt_width + width
+    return Rollout(
+        input_ids=rollout.input_ids[rows, start:end],
+        attention_mask=rollout.attention_mask[rows, start:end],
+        completion_mask=rollout.completion_mask[rows, :width],
+        logprobs=rollout.logprobs[rows, :width],
+        finished=rollout.finished[rows],
+        prompt_width=rollout.prompt_width - start,
+        replies=[rollout.replies[i] for i in rows.tolist()],
     )
-    input_ids, attention_mask = out.sequences()
-    replies = [tokenizer.decode(ids) for ids in out.completions()]
-    return Rollout(input_ids, attention_mask, out.mask, out.logprobs, out.finished, out.prompt_ids.shape[1], replies)
 
 
 def completion_logprobs(

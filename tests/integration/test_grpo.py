@@ -99,7 +99,7 @@ def test_grpo_stage_runs_on_policy_logs_and_reloads(tmp_path: Path, tiny_sft: Pa
         "grpo/entropy",
         "grpo/logprob_max_diff",
         "val/accuracy",
-        "val/pass@2",
+        "val/pass@k",
         "val/format",
     ):
         assert name in metrics, sorted(metrics)

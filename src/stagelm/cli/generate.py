@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from stagelm.chat import ChatFormatError, render
 from stagelm.checkpoint import CheckpointError, load_checkpoint
 from stagelm.generation import TextStream, generate
-from stagelm.tokenizer import END_OF_TURN
 
 EXIT_USAGE = 2
 
@@ -90,7 +89,7 @@ def run(cfg: DictConfig) -> None:
         # chat input: render the conversation, let the model answer as the assistant, print only the reply
         messages = load_messages(cfg.messages)
         prompt_ids = tokenizer.encode(render(messages, add_generation_prompt=True))
-        prompt, stop_tokens = "", [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
+        prompt, stop_tokens = "", tokenizer.reply_stop_ids
     else:
         # Hydra parses `prompt=123` or `prompt=true` as a number or bool; the user meant text either way.
         prompt = "" if cfg.prompt is None else str(cfg.prompt)
