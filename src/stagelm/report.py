@@ -1,17 +1,20 @@
 """The pipeline's report: `report.md`, `report.json` and PNG plots, all measured by the run, never typed in.
 
 Per stage: the headline metrics before and after (from each stage's `metrics.json`, where "before" is a
-validation of the starting checkpoint), wall time and tokens seen. Curves come from each stage's
+validation of the starting checkpoint), wall time, tokens seen and, for PPO and GRPO, the sampler's median
+`rollout/tokens_per_sec`. Curves come from each stage's
 `history.jsonl`; the same prompts are answered by the model after every stage, side by side.
 
 `report.json` keys (stable; documented in the README):
-    stages.<stage>.headline.<metric>.{before,after}, stages.<stage>.{wall_time_s,tokens_seen,global_step},
+    stages.<stage>.headline.<metric>.{before,after},
+    stages.<stage>.{wall_time_s,tokens_seen,global_step,rollout_tokens_per_sec},
     samples.<prompt>.<stage>, plots, total_wall_time_s, total_tokens_seen
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,12 @@ def stage_summary(stage_dir: Path, stage: str) -> dict[str, Any]:
         before, after = summary["before"].get(metric), summary["after"].get(metric)
         if before is not None or after is not None:
             headline[metric] = {"before": before, "after": after}
+    rate_key = "rollout/tokens_per_sec"
+    rates = [row[rate_key] for row in read_history(stage_dir / "history.jsonl") if row.get(rate_key) is not None]
     return {
         "headline": headline,
+        # RL stages: how fast their sampler ran (median over the logged steps)
+        "rollout_tokens_per_sec": statistics.median(rates) if rates else None,
         "wall_time_s": summary.get("wall_time_s"),
         "tokens_seen": summary.get("tokens_seen"),
         "global_step": summary.get("global_step"),
@@ -140,8 +147,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Total wall time {report['total_wall_time_s'] / 60:.1f} min, "
         f"{report['total_tokens_seen'] / 1e6:.2f}M training tokens.",
         "",
-        "| stage | metric | before | after | improved | wall time | tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | metric | before | after | improved | wall time | tokens | rollout tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for stage, info in report["stages"].items():
         first = True
@@ -149,9 +156,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             wall = f"{info['wall_time_s'] / 60:.1f} min" if first and info["wall_time_s"] else ""
             tokens = f"{info['tokens_seen'] / 1e6:.2f}M" if first and info["tokens_seen"] else ""
             mark = {True: "yes", False: "NO", None: "-"}[info["improved"]] if first else ""
+            rate = info.get("rollout_tokens_per_sec")
+            rate = f"{rate:,.0f}" if first and rate else ""
             lines.append(
                 f"| {stage if first else ''} | {metric} | {_fmt(values['before'])} | "
-                f"{_fmt(values['after'])} | {mark} | {wall} | {tokens} |"
+                f"{_fmt(values['after'])} | {mark} | {wall} | {tokens} | {rate} |"
             )
             first = False
     lines += ["", "## The same prompts after each stage", ""]

@@ -9,6 +9,7 @@ on-policy, and the largest difference is worth logging every step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,12 @@ class Rollout:
     finished: torch.Tensor  # [B] bool, the reply ended with a stop token
     prompt_width: int  # P
     replies: list[str]  # decoded replies, ending with <|end|> when finished
+    seconds: float = 0.0  # wall time the sampler took
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Generated tokens (stop tokens included) per second of sampling, over all rows."""
+        return float(self.completion_mask.sum()) / max(self.seconds, 1e-9)
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -50,6 +57,7 @@ def generate_rollout(
 ) -> Rollout:
     """One reply to each already-rendered prompt (greedy, or sampled), stopping at the end of the assistant's turn:
     the one way every stage answers prompts (rollouts, validation, evaluation)."""
+    started = time.perf_counter()
     out = generate(
         model,
         prompts,
@@ -63,7 +71,9 @@ def generate_rollout(
     )
     input_ids, attention_mask = out.sequences()
     replies = [tokenizer.decode(ids) for ids in out.completions()]
-    return Rollout(input_ids, attention_mask, out.mask, out.logprobs, out.finished, out.prompt_ids.shape[1], replies)
+    seconds = time.perf_counter() - started
+    P = out.prompt_ids.shape[1]
+    return Rollout(input_ids, attention_mask, out.mask, out.logprobs, out.finished, P, replies, seconds)
 
 
 @torch.no_grad()

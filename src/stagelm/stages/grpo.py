@@ -320,6 +320,7 @@ class GRPOModule(StageModule):
             "grpo/reward_errors": float(scored.errors),
             "grpo/reward_timeouts": float(scored.timeouts),
             "grpo/sample_seconds": sampled_in,
+            "rollout/tokens_per_sec": rollout.tokens_per_sec,
             "train/aux_loss": passes[-1].aux_loss,
             "train/lr": self.optimizers().param_groups[0]["lr"],
         }

@@ -293,6 +293,7 @@ class PPOModule(StageModule):
         judged = [j for j in judged if j is not None]
         metrics = {
             "ppo/reward_mean": raw_scores.mean(),
+            "rollout/tokens_per_sec": rollout.tokens_per_sec,
             "ppo/score_mean": scores.mean(),  # normalised and penalised: what PPO optimises, before the KL
             "ppo/rlhf_reward": (scores - kl_coef * seq_kl).mean(),
             "ppo/kl": seq_kl.mean(),
