@@ -18,7 +18,15 @@ from typing import Any
 # the metrics that say whether each stage did its job; the first is the one "improved" is judged by
 HEADLINES: dict[str, list[tuple[str, str]]] = {  # stage -> [(metric, "min" | "max")]
     "pretrain": [("val/loss", "min"), ("val/bpc", "min")],
-    "sft": [("val/exact_match", "max"), ("val/format_ok", "max")],
+    "sft": [
+        ("val/exact_match", "max"),
+        ("val/format_ok", "max"),
+        ("val/tool_decision", "max"),
+        ("val/tool_args_exact", "max"),
+        ("val/tool_result_used", "max"),
+        ("val/exact_match_turn2plus", "max"),
+        ("val/exact_match_turn2plus_alone", "max"),
+    ],
     "reward": [("val/accuracy", "max"), ("val/margin", "max")],
     "ppo": [("val/rm_score", "max"), ("val/win_rate_vs_sft", "max"), ("val/kl", "min")],
     "dpo": [("val/accuracy", "max"), ("val/win_rate_vs_sft", "max"), ("val/rm_score", "max"), ("val/kl", "min")],
