@@ -33,11 +33,18 @@ class ChatFormatError(ValueError):
 
 def describe_tools(tools: list[dict[str, Any]]) -> str:
     """A compact system-prompt line per tool: `name(arg, ...): description`."""
+    if not isinstance(tools, list):
+        raise ChatFormatError(f"tools must be a list of tool descriptions, found {type(tools).__name__}")
     lines = []
-    for tool in tools:
-        fn = tool.get("function", tool)
-        params = ", ".join(fn.get("parameters", {}).get("properties", {}))
-        lines.append(f"{fn['name']}({params}): {fn.get('description', '')}".rstrip(": "))
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        params = fn.get("parameters") if isinstance(fn, dict) else None
+        properties = params.get("properties", {}) if isinstance(params, dict) else {}
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(properties, dict):
+            raise ChatFormatError(
+                f"tool {i}: expected {{'function': {{'name': ..., 'parameters': {{'properties': {{...}}}}}}}}"
+            )
+        lines.append(f"{fn['name']}({', '.join(map(str, properties))}): {fn.get('description', '')}".rstrip(": "))
     return "Tools you can call:\n" + "\n".join(lines)
 
 
@@ -45,8 +52,10 @@ def _render_tool_call(call: dict[str, Any], where: str) -> str:
     try:
         fn = call["function"]
         call_id, name, arguments = call["id"], fn["name"], fn["arguments"]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, IndexError):
         raise ChatFormatError(f"{where}: a tool call needs 'id' and 'function' with 'name' and 'arguments'") from None
+    if not isinstance(call_id, str) or not isinstance(name, str):
+        raise ChatFormatError(f"{where}: tool call id and name must be strings")
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments)
     if any(c.isspace() for c in call_id + name) or not call_id or not name:
@@ -57,28 +66,38 @@ def _render_tool_call(call: dict[str, Any], where: str) -> str:
 def render_turn(message: Message, index: int = 0) -> str:
     """One message as text, ending with the end-of-turn token."""
     where = f"message {index}"
+    if not isinstance(message, dict):
+        raise ChatFormatError(f"{where}: a message must be an object with 'role' and 'content'")
     role = message.get("role")
-    if role not in ROLE_TOKENS:
+    if not isinstance(role, str) or role not in ROLE_TOKENS:
         raise ChatFormatError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLE_TOKENS)})")
     content = message.get("content") or ""
     if not isinstance(content, str):
         raise ChatFormatError(f"{where}: content must be a string")
     if role == "tool":
         call_id = message.get("tool_call_id")
-        if not call_id:
-            raise ChatFormatError(f"{where}: a tool message needs 'tool_call_id'")
+        if not call_id or not isinstance(call_id, str):
+            raise ChatFormatError(f"{where}: a tool message needs a string 'tool_call_id'")
         return f"{TOOL}{call_id} {content}{END_OF_TURN}"
-    calls = "".join(_render_tool_call(c, where) for c in message.get("tool_calls") or [])
+    tool_calls = message.get("tool_calls") or []
+    if not isinstance(tool_calls, list):
+        raise ChatFormatError(f"{where}: 'tool_calls' must be a list")
+    calls = "".join(_render_tool_call(c, where) for c in tool_calls)
     return f"{ROLE_TOKENS[role]}{content}{calls}{END_OF_TURN}"
 
 
 def with_tools(messages: list[Message], tools: list[dict[str, Any]] | None) -> list[Message]:
     """Tools are described in the system turn (prepended, or appended to an existing one)."""
+    if not isinstance(messages, list):
+        raise ChatFormatError(f"a conversation must be a list of messages, found {type(messages).__name__}")
     if not tools:
         return list(messages)
     description = describe_tools(tools)
-    if messages and messages[0].get("role") == "system":
-        first = dict(messages[0], content=f"{messages[0].get('content') or ''}\n{description}".lstrip("\n"))
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        system = messages[0].get("content") or ""
+        if not isinstance(system, str):
+            raise ChatFormatError("message 0: content must be a string")
+        first = dict(messages[0], content=f"{system}\n{description}".lstrip("\n"))
         return [first, *messages[1:]]
     return [{"role": "system", "content": description}, *messages]
 

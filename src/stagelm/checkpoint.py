@@ -4,10 +4,17 @@ A checkpoint is a Lightning `.ckpt` file (so `ckpt_path=` resumes a run exactly)
 `checkpoint["stagelm"]`, holding what any command needs without the training config: the model config, the
 tokenizer and the stage that wrote it. Backbone weights live in `state_dict` under the prefix `model.`;
 stage-specific heads (reward or value heads) under their own prefixes. Files are written atomically.
+
+A finished run's `checkpoints/manifest.json` records the sha256 of each checkpoint and the hash of the run's
+config: a later stage (`init_from`, `reward_model`) and the pipeline refuse a checkpoint whose bytes changed since
+(`verify_against_manifest`), and every checkpoint records the digests of the inputs it was built from, so a resume
+refuses an `init_from` that changed under it (its frozen reference would no longer be the same model).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -21,6 +28,7 @@ from stagelm.model import ModelConfig, Transformer
 from stagelm.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -53,10 +61,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -105,3 +120,45 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Loade
     load_weights_strict(model, submodule_state(ckpt["state_dict"], "model."), str(path))
     model.eval()
     return LoadedCheckpoint(model, tokenizer, config, stage, ckpt["state_dict"], meta)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_manifest(checkpoint_dir: str | os.PathLike, stage: str, config_digest: str) -> Path:
+    """`manifest.json` beside a finished run's checkpoints: the sha256 of each, the stage, the config hash."""
+    directory = Path(checkpoint_dir)
+    files = {p.name: file_sha256(p) for p in sorted(directory.glob("*.ckpt"))}
+    manifest = {"stage": stage, "config_hash": config_digest, "sha256": files}
+    path = directory / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def verify_against_manifest(path: str | os.PathLike, role: str) -> str:
+    """The sha256 of the checkpoint `path`; CheckpointError when the manifest beside it records other bytes.
+    A checkpoint without a manifest (one not written by a finished run) is taken as it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{role}={path}: checkpoint not found")
+    digest = file_sha256(path)
+    manifest_file = path.parent / MANIFEST
+    if manifest_file.is_file():
+        recorded = json.loads(manifest_file.read_text()).get("sha256", {}).get(path.name)
+        if recorded is not None and recorded != digest:
+            raise CheckpointError(
+                f"{role}={path} changed since its run finished: sha256 {digest[:16]}..., its manifest "
+                f"{manifest_file} records {recorded[:16]}...; re-run the stage that wrote it"
+            )
+    return digest

@@ -22,3 +22,7 @@ def wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("stagelm_wandb_offline"):
         OmegaConf.register_new_resolver("stagelm_wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("stagelm_monitor"):
+        from stagelm.stages.facts import monitor
+
+        OmegaConf.register_new_resolver("stagelm_monitor", monitor)

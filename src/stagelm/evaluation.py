@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from stagelm.chat import Message, parse_assistant, render
-from stagelm.generation import generate
 from stagelm.model import Transformer
-from stagelm.tokenizer import END_OF_TURN, SPECIAL_TOKENS, Tokenizer
+from stagelm.rollout import generate_rollout
+from stagelm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -34,13 +34,14 @@ def generate_replies(
     tools: Sequence[list[dict[str, Any]] | None] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    greedy: bool = True,
     **sampling: Any,
 ) -> list[str]:
-    """Assistant replies to chat prompts, as text ending with `<|end|>` when the model finished its turn."""
+    """Assistant replies to chat prompts, as text ending with `<|end|>` when the model finished its turn
+    (`sampling`: temperature, top_p, generator, as `generate_rollout` takes them)."""
     was_training = model.training
     model.eval()
     tools = tools or [None] * len(prompts)
-    stops = [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
         # keep the end of over-long prompts, so prompt + reply always fit the context
@@ -49,19 +50,17 @@ def generate_replies(
             tokenizer.encode(render(p, add_generation_prompt=True, tools=t))[-keep:]
             for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])
         ]
-        out = generate(
-            model,
-            ids,
-            max_new_tokens,
-            stop_tokens=stops,
-            pad_id=tokenizer.pad_id,
-            greedy=sampling.pop("greedy", True),
-            **sampling,
-        )
-        for row, length in zip(out.tokens.tolist(), out.lengths.tolist()):
-            replies.append(tokenizer.decode(row[:length]))
+        replies += generate_rollout(model, tokenizer, ids, max_new_tokens, greedy=greedy, **sampling).replies
     model.train(was_training)
     return replies
+
+
+def win_score(score: float, baseline: float, tolerance: float = 1e-9) -> float:
+    """One comparison of a reply with the baseline's reply to the same prompt: 1 a win, 0.5 a tie (within
+    `tolerance`, so float noise in a judge's score is no win), 0 a loss. A win rate is its mean."""
+    if abs(score - baseline) <= tolerance:
+        return 0.5
+    return 1.0 if score > baseline else 0.0
 
 
 def format_ok(reply: str) -> bool:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stagelm.model.heads import last_token_index
+
 # ----------------------------------------------------------------------------------------------------------------
 # Masked reductions and token log-probabilities
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,12 +229,6 @@ def kl_estimate(logp: Tensor, logp_ref: Tensor, kind: KLKind = "k3", mask: Tenso
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def last_token_index(mask: Tensor) -> Tensor:
-    """Index of the last True position in each row of a [B, T] mask ([B]; rows with no True give T - 1)."""
-    T = mask.shape[-1]
-    return T - 1 - mask.bool().flip(-1).int().argmax(-1)
-
-
 def ppo_rewards(score: Tensor, logp: Tensor, logp_ref: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """Per-token PPO rewards for RLHF (Ziegler et al. 2019; Ouyang et al. 2022; Huang et al. 2024):
 
@@ -245,7 +241,7 @@ def ppo_rewards(score: Tensor, logp: Tensor, logp_ref: Tensor, mask: Tensor, kl_
     mask = mask.bool()
     rewards = -kl_coef * (logp - logp_ref).float()  # [B, T]
     rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
-    last = last_token_index(mask)  # [B]
+    last = last_token_index(mask).clamp_min(0)  # [B]; a row with no token (-1) gets a bonus of 0 anyway
     has_tokens = mask.any(-1)  # [B]
     bonus = torch.where(has_tokens, score.float(), torch.zeros_like(score, dtype=torch.float32))
     return rewards.scatter_add(-1, last.unsqueeze(-1), bonus.unsqueeze(-1))

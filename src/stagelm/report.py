@@ -1,37 +1,25 @@
 """The pipeline's report: `report.md`, `report.json` and PNG plots, all measured by the run, never typed in.
 
 Per stage: the headline metrics before and after (from each stage's `metrics.json`, where "before" is a
-validation of the starting checkpoint), wall time and tokens seen. Curves come from each stage's
+validation of the starting checkpoint), wall time, tokens seen and, for PPO and GRPO, the sampler's median
+`rollout/tokens_per_sec`. Curves come from each stage's
 `history.jsonl`; the same prompts are answered by the model after every stage, side by side.
 
 `report.json` keys (stable; documented in the README):
-    stages.<stage>.headline.<metric>.{before,after}, stages.<stage>.{wall_time_s,tokens_seen,global_step},
+    stages.<stage>.headline.<metric>.{before,after},
+    stages.<stage>.{wall_time_s,tokens_seen,global_step,rollout_tokens_per_sec},
     samples.<prompt>.<stage>, plots, total_wall_time_s, total_tokens_seen
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
-# the metrics that say whether each stage did its job; the first is the one "improved" is judged by
-HEADLINES: dict[str, list[tuple[str, str]]] = {  # stage -> [(metric, "min" | "max")]
-    "pretrain": [("val/loss", "min"), ("val/bpc", "min")],
-    "sft": [
-        ("val/exact_match", "max"),
-        ("val/format_ok", "max"),
-        ("val/tool_decision", "max"),
-        ("val/tool_args_exact", "max"),
-        ("val/tool_result_used", "max"),
-        ("val/exact_match_turn2plus", "max"),
-        ("val/exact_match_turn2plus_alone", "max"),
-    ],
-    "reward": [("val/accuracy", "max"), ("val/margin", "max")],
-    "ppo": [("val/rm_score", "max"), ("val/win_rate_vs_sft", "max"), ("val/kl", "min")],
-    "dpo": [("val/accuracy", "max"), ("val/win_rate_vs_sft", "max"), ("val/rm_score", "max"), ("val/kl", "min")],
-    "grpo": [("val/accuracy", "max"), ("val/pass@k", "max")],
-}
+from stagelm.stages.facts import STAGES
+
 CURVES = {  # plot file -> metrics drawn (whichever stages logged them)
     "loss.png": ["train/loss"],
     "reward.png": ["ppo/reward_mean", "grpo/reward_mean", "train/rewards_chosen"],
@@ -39,6 +27,10 @@ CURVES = {  # plot file -> metrics drawn (whichever stages logged them)
     "accuracy.png": ["val/exact_match", "val/accuracy", "val/win_rate_vs_sft"],
 }
 CHAT_STAGES = ("pretrain", "sft", "ppo", "dpo", "grpo")  # the reward model is not a chat model
+
+
+def _headlines(stage: str) -> tuple[tuple[str, str], ...]:
+    return STAGES[stage].headlines if stage in STAGES else ()
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -51,12 +43,16 @@ def stage_summary(stage_dir: Path, stage: str) -> dict[str, Any]:
     metrics_file = stage_dir / "metrics.json"
     summary = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"before": {}, "after": {}}
     headline = {}
-    for metric, _ in HEADLINES.get(stage, []):
+    for metric, _ in _headlines(stage):
         before, after = summary["before"].get(metric), summary["after"].get(metric)
         if before is not None or after is not None:
             headline[metric] = {"before": before, "after": after}
+    rate_key = "rollout/tokens_per_sec"
+    rates = [row[rate_key] for row in read_history(stage_dir / "history.jsonl") if row.get(rate_key) is not None]
     return {
         "headline": headline,
+        # RL stages: how fast their sampler ran (median over the logged steps)
+        "rollout_tokens_per_sec": statistics.median(rates) if rates else None,
         "wall_time_s": summary.get("wall_time_s"),
         "tokens_seen": summary.get("tokens_seen"),
         "global_step": summary.get("global_step"),
@@ -65,7 +61,7 @@ def stage_summary(stage_dir: Path, stage: str) -> dict[str, Any]:
 
 def improved(stage: str, headline: dict[str, dict[str, float | None]]) -> bool | None:
     """Did the stage move its first headline metric the right way? None when it was not measured."""
-    for metric, direction in HEADLINES.get(stage, []):
+    for metric, direction in _headlines(stage):
         values = headline.get(metric)
         if values and values["before"] is not None and values["after"] is not None:
             return values["after"] < values["before"] if direction == "min" else values["after"] > values["before"]
@@ -151,8 +147,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Total wall time {report['total_wall_time_s'] / 60:.1f} min, "
         f"{report['total_tokens_seen'] / 1e6:.2f}M training tokens.",
         "",
-        "| stage | metric | before | after | improved | wall time | tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | metric | before | after | improved | wall time | tokens | rollout tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for stage, info in report["stages"].items():
         first = True
@@ -160,9 +156,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             wall = f"{info['wall_time_s'] / 60:.1f} min" if first and info["wall_time_s"] else ""
             tokens = f"{info['tokens_seen'] / 1e6:.2f}M" if first and info["tokens_seen"] else ""
             mark = {True: "yes", False: "NO", None: "-"}[info["improved"]] if first else ""
+            rate = info.get("rollout_tokens_per_sec")
+            rate = f"{rate:,.0f}" if first and rate else ""
             lines.append(
                 f"| {stage if first else ''} | {metric} | {_fmt(values['before'])} | "
-                f"{_fmt(values['after'])} | {mark} | {wall} | {tokens} |"
+                f"{_fmt(values['after'])} | {mark} | {wall} | {tokens} | {rate} |"
             )
             first = False
     lines += ["", "## The same prompts after each stage", ""]

@@ -9,6 +9,7 @@ on-policy, and the largest difference is worth logging every step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from stagelm.generation import generate
 from stagelm.model import Transformer, TransformerOutput
-from stagelm.tokenizer import END_OF_TURN, Tokenizer
+from stagelm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -28,6 +29,12 @@ class Rollout:
     finished: torch.Tensor  # [B] bool, the reply ended with a stop token
     prompt_width: int  # P
     replies: list[str]  # decoded replies, ending with <|end|> when finished
+    seconds: float = 0.0  # wall time the sampler took
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Generated tokens (stop tokens included) per second of sampling, over all rows."""
+        return float(self.completion_mask.sum()) / max(self.seconds, 1e-9)
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -35,6 +42,46 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+@torch.no_grad()
+def generate_rollout(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """One reply to each already-rendered prompt (greedy, or sampled), stopping at the end of the assistant's turn:
+    the one way every stage answers prompts (rollouts, validation, evaluation)."""
+    started = time.perf_counter()
+    out = generate(
+        model,
+        prompts,
+        max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        stop_tokens=tokenizer.reply_stop_ids,
+        pad_id=tokenizer.pad_id,
+        generator=generator,
+    )
+    input_ids, attention_mask = out.sequences()
+    replies = [tokenizer.decode(ids) for ids in out.completions()]
+    seconds = time.perf_counter() - started
+    P = out.prompt_ids.shape[1]
+    return Rollout(input_ids, attention_mask, out.mask, out.logprobs, out.finished, P, replies, seconds)
+
+
+@torch.no_grad()
+def greedy_replies(
+    model: Transformer, tokenizer: Tokenizer, prompt_ids: list[list[int]], max_new_tokens: int
+) -> list[str]:
+    """Greedy replies to already-rendered prompts, ending with `<|end|>` when the model finished its turn."""
+    return generate_rollout(model, tokenizer, prompt_ids, max_new_tokens, greedy=True).replies
 
 
 @torch.no_grad()
@@ -50,20 +97,27 @@ def sample_rollouts(
 ) -> Rollout:
     """`samples_per_prompt` replies to each prompt; rows are prompt-major (prompt i owns rows i*G .. i*G+G-1)."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    stops = [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
-    out = generate(
-        model,
-        repeated,
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stop_tokens=stops,
-        pad_id=tokenizer.pad_id,
-        generator=generator,
+    return generate_rollout(model, tokenizer, repeated, max_new_tokens, False, temperature, top_p, generator)
+
+
+def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The given rows of a rollout, with the columns that are padding in every one of them dropped (leading prompt
+    padding, trailing completion padding: the sampler pads to the longest prompt and to max_new_tokens). Positions
+    count real tokens only, so the forward pass over what is left computes the same log-probs. Per-token tensors
+    [B, N] of the whole rollout line up with the result as `[rows, :result.completion_mask.shape[1]]`."""
+    prompt_mask = rollout.attention_mask[rows, : rollout.prompt_width]
+    start = int(prompt_mask.any(0).nonzero()[0]) if prompt_mask.any() else 0
+    width = max(int(rollout.completion_mask[rows].sum(1).max()), 1)
+    end = rollout.prompt_width + width
+    return Rollout(
+        input_ids=rollout.input_ids[rows, start:end],
+        attention_mask=rollout.attention_mask[rows, start:end],
+        completion_mask=rollout.completion_mask[rows, :width],
+        logprobs=rollout.logprobs[rows, :width],
+        finished=rollout.finished[rows],
+        prompt_width=rollout.prompt_width - start,
+        replies=[rollout.replies[i] for i in rows.tolist()],
     )
-    input_ids, attention_mask = out.sequences()
-    replies = [tokenizer.decode(ids) for ids in out.completions()]
-    return Rollout(input_ids, attention_mask, out.mask, out.logprobs, out.finished, out.prompt_ids.shape[1], replies)
 
 
 def completion_logprobs(

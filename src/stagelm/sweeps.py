@@ -10,15 +10,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-# the columns shown for a run of stagelm-train (those it logged) and of stagelm-pipeline (headline "after")
+from stagelm.stages.facts import STAGES
+
+# the columns shown for a run of stagelm-train (those it logged: every stage's headline metrics) and of
+# stagelm-pipeline (headline "after")
 TRAIN_COLUMNS = [
-    "val/loss",
-    "val/bpc",
-    "val/exact_match",
-    "val/format_ok",
-    "val/accuracy",
-    "val/win_rate_vs_sft",
-    "val/rm_score",
+    *dict.fromkeys(metric for facts in STAGES.values() for metric, _ in facts.headlines),
     "train/tokens_per_sec",
 ]
 

@@ -49,6 +49,11 @@ class Tokenizer:
     def unk_id(self) -> int:
         return self.special_ids[UNK]
 
+    @property
+    def reply_stop_ids(self) -> list[int]:
+        """The tokens that end an assistant reply: `<|end|>` (the end of its turn) or end of text."""
+        return [self.special_ids[END_OF_TURN], self.eos_id]
+
     def token_id(self, special: str) -> int:
         return self.special_ids[special]
 

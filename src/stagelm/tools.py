@@ -105,11 +105,14 @@ def convert(value: Any, from_unit: Any, to_unit: Any) -> str:
 def run_tool_call(call: dict[str, Any]) -> str:
     """Execute one OpenAI-shaped tool call with the built-in tools; unknown tools and bad arguments are errors
     returned to the model as text, never raised."""
-    fn = call.get("function", {})
+    fn = call.get("function", {}) if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return "error: a tool call is an object with a 'function' object"
     if fn.get("name") not in ("calculator", "convert"):
         return f"error: unknown tool {fn.get('name')!r}"
+    raw = fn.get("arguments") or "{}"
     try:
-        arguments = json.loads(fn.get("arguments") or "{}")
+        arguments = json.loads(raw) if isinstance(raw, str) else raw
     except json.JSONDecodeError:
         return "error: arguments are not JSON"
     if not isinstance(arguments, dict):

@@ -89,7 +89,7 @@ def test_malformed_tool_calls_come_back_as_flagged_content(text: str) -> None:
 def test_bad_messages_name_the_turn() -> None:
     with pytest.raises(ChatFormatError, match="message 1: unknown role 'robot'"):
         render([{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}])
-    with pytest.raises(ChatFormatError, match="message 0: a tool message needs 'tool_call_id'"):
+    with pytest.raises(ChatFormatError, match="message 0: a tool message needs a string 'tool_call_id'"):
         render([{"role": "tool", "content": "1"}])
 
 

@@ -10,8 +10,8 @@ import torch
 
 from stagelm.chat import render
 from stagelm.losses import group_advantages, grpo_loss
-from stagelm.rollout import completion_logprobs, sample_rollouts
-from stagelm.stages.grpo import GRPOModule, select_rows
+from stagelm.rollout import completion_logprobs, sample_rollouts, select_rows
+from stagelm.stages.grpo import GRPOModule
 from stagelm.tokenizer import CharTokenizer
 from tests.conftest import tiny_model_config
 

@@ -71,3 +71,39 @@ def test_a_changed_setting_invalidates_that_stage_and_those_after_it(tmp_path: P
 def test_impossible_stage_lists_are_clear_errors(tmp_path: Path, stages: str, message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         plan(pipeline_config(f"stages={stages}"), tmp_path, "small")
+
+
+TRICKY = ["a, b", 'it\'s "quoted"', "x=y [z] {w}", "back\\slash", "end\\", "it\\'s", " spaces ", "123", "true", "null"]
+
+
+def test_setting_values_reach_the_stage_as_they_were_written(tmp_path: Path) -> None:
+    # strings with commas, quotes, brackets, `=` or that look like numbers pass through as the same strings
+    cfg = pipeline_config()
+    with open_dict(cfg):
+        cfg.pretrain.sample_prompts = TRICKY
+        cfg.pretrain.data = {"path": "/data/a,b/it's.txt"}
+    (pretrain, *_) = plan(cfg, tmp_path, "tiny")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        train_cfg = compose("train", overrides=["stage=pretrain", *pretrain.overrides])
+    assert list(train_cfg.stage.sample_prompts) == TRICKY
+    assert train_cfg.data.path == "/data/a,b/it's.txt"
+
+
+def test_a_bad_key_in_a_late_stage_fails_before_the_first_stage_runs(tmp_path: Path) -> None:
+    import sys
+    import time
+
+    from stagelm.cli.pipeline import main
+
+    for bad, named in (("grpo.trainer.max_stepz=3", "max_stepz"), ("grpo.betaa=0", "betaa")):
+        saved, sys.argv = sys.argv, ["stagelm-pipeline", "model=tiny", f"out_dir={tmp_path}", "logger=csv", bad]
+        started = time.perf_counter()
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                main()
+        finally:
+            sys.argv = saved
+        message = str(exit_info.value)
+        assert message.startswith("error: the settings of stage grpo are invalid") and named in message, message
+        assert time.perf_counter() - started < 20
+        assert not (tmp_path / "pretrain").exists()  # nothing ran

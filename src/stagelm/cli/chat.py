@@ -20,7 +20,7 @@ from stagelm.checkpoint import load_checkpoint
 from stagelm.errors import StagelmError
 from stagelm.generation import TextStream, generate
 from stagelm.model import Transformer
-from stagelm.tokenizer import END_OF_TURN, Tokenizer
+from stagelm.tokenizer import Tokenizer
 from stagelm.tools import BUILTIN_TOOL_SCHEMAS, run_tool_call
 
 MAX_TOOL_ROUNDS = 3
@@ -58,7 +58,7 @@ class ChatSession:
 
     def reply(self, user_text: str, write=sys.stdout.write) -> Message:
         self.messages.append({"role": "user", "content": user_text})
-        stops = [self.tokenizer.token_id(END_OF_TURN), self.tokenizer.eos_id]
+        stops = self.tokenizer.reply_stop_ids
         for _ in range(MAX_TOOL_ROUNDS):
             stream = TextStream(self.tokenizer, write, stop_tokens=stops)
             sampling = {k: v for k, v in self.sampling.items() if k != "seed"}

@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from stagelm.chat import ChatFormatError, render
 from stagelm.checkpoint import CheckpointError, load_checkpoint
 from stagelm.generation import TextStream, generate
-from stagelm.tokenizer import END_OF_TURN
 from stagelm.tools import BUILTIN_TOOL_SCHEMAS
 
 EXIT_USAGE = 2
@@ -92,7 +91,7 @@ def run(cfg: DictConfig) -> None:
         messages = load_messages(cfg.messages)
         tools = list(BUILTIN_TOOL_SCHEMAS) if cfg.tools else None
         prompt_ids = tokenizer.encode(render(messages, add_generation_prompt=True, tools=tools))
-        prompt, stop_tokens = "", [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
+        prompt, stop_tokens = "", tokenizer.reply_stop_ids
     else:
         # Hydra parses `prompt=123` or `prompt=true` as a number or bool; the user meant text either way.
         prompt = "" if cfg.prompt is None else str(cfg.prompt)
@@ -121,6 +120,7 @@ def run(cfg: DictConfig) -> None:
         stop_tokens=stop_tokens,
         pad_id=tokenizer.pad_id,
         on_token=stream,
+        compile=bool(cfg.get("compile", False)),
         **settings,
     )
     if stream is not None:

@@ -5,8 +5,11 @@
 Each stage runs as its own `stagelm-train` process, initialised from the checkpoint of the stage before, in
 `<out_dir>/<stage>/`. The pipeline is resumable and idempotent: a stage whose output exists for the same
 effective config (a hash of its overrides and of the stages it builds on) is skipped; changing a stage's
-settings re-runs it and every stage after it; an interrupted stage resumes from its `last.ckpt`. At the end it
-writes `report.md`, `report.json` and plots (see `stagelm.report`).
+settings re-runs it and every stage after it; an interrupted stage resumes from its `last.ckpt` (`ckpt_path=auto`).
+Before the first stage runs, every stage's config is composed with exactly the overrides it will get, so a bad
+late-stage setting fails in seconds; values are passed in Hydra's quoted grammar, so any string survives. A stage
+starts only from checkpoints whose bytes match their stage's manifest. At the end it writes `report.md`,
+`report.json` and plots (see `stagelm.report`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -27,19 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from stagelm import __version__
 from stagelm.config import register_resolvers
+from stagelm.stages.facts import STAGES
 
 log = logging.getLogger("stagelm.pipeline")
 register_resolvers()
 
-# which stage's checkpoint each stage starts from (the first one present in the pipeline)
-UPSTREAM = {
-    "pretrain": [],
-    "sft": ["pretrain"],
-    "reward": ["sft"],
-    "ppo": ["sft"],
-    "dpo": ["sft"],
-    "grpo": ["ppo", "sft"],
-}
 # config groups of conf/train.yaml: per-stage keys not in this list are settings of the stage itself
 GROUP_KEYS = {
     "model",
@@ -68,12 +64,20 @@ class StagePlan:
 
 
 def _override_value(value: Any) -> str:
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
+    """A value in Hydra's override grammar that parses back to itself: strings are quoted (commas, spaces, quotes,
+    brackets and `=` survive), lists and dicts are written element by element."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_override_value(v) for v in value) + "]"
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, str):
+        # Hydra's quoted strings: a backslash escapes only a quote, or a backslash run before a quote or the end
+        escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+        return f"'{escaped}'"
     return str(value)
 
 
@@ -105,18 +109,18 @@ def group_choice(cfg: DictConfig, group: str) -> str:
 
 def plan(cfg: DictConfig, out_dir: Path, model: str) -> list[StagePlan]:
     stages = list(cfg.stages)
-    unknown = [s for s in stages if s not in UPSTREAM]
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise SystemExit(f"error: unknown stage(s) {unknown}; choose from {list(UPSTREAM)}")
+        raise SystemExit(f"error: unknown stage(s) {unknown}; choose from {list(STAGES)}")
     plans: dict[str, StagePlan] = {}
     common = stage_overrides(OmegaConf.to_container(cfg.common, resolve=True) or {})
     for name in stages:
-        parents = [p for p in UPSTREAM[name] if p in plans][:1]
-        if UPSTREAM[name] and not parents:
-            raise SystemExit(f"error: stage {name} needs one of {UPSTREAM[name]} before it in `stages`")
+        parents = [p for p in STAGES[name].upstream if p in plans][:1]
+        if STAGES[name].upstream and not parents:
+            raise SystemExit(f"error: stage {name} needs one of {STAGES[name].upstream} before it in `stages`")
         init_from = str(out_dir / parents[0] / "checkpoints" / "last.ckpt") if parents else None
         reward_model = None
-        if name == "ppo":
+        if STAGES[name].needs_reward_model:
             if "reward" not in plans:
                 raise SystemExit("error: stage ppo needs stage reward before it in `stages`")
             reward_model = str(out_dir / "reward" / "checkpoints" / "last.ckpt")
@@ -134,47 +138,91 @@ def plan(cfg: DictConfig, out_dir: Path, model: str) -> list[StagePlan]:
     return list(plans.values())
 
 
+def train_command_overrides(stage: StagePlan, logger: str, group: str) -> list[str]:
+    """Everything the stage's `stagelm-train` gets after the module name: its config, where, and where from. A
+    stage interrupted earlier resumes from its own last.ckpt (`ckpt_path=auto`), a fresh one starts anew."""
+    overrides = [
+        f"stage={stage.name}",
+        f"task_name={stage.name}",
+        f"logger={logger}",
+        "validate_before=true",
+        "ckpt_path=auto",
+        *stage.overrides,
+    ]
+    if stage.init_from:
+        overrides.append(f"init_from={_override_value(stage.init_from)}")
+    if stage.reward_model:
+        overrides.append(f"reward_model={_override_value(stage.reward_model)}")
+    if logger == "wandb":
+        overrides += [f"+logger.wandb.group={group}", f"logger.wandb.name={stage.name}"]
+    return overrides
+
+
+def validate(stages: list[StagePlan], out_dir: Path, logger: str, group: str) -> None:
+    """Compose and resolve every stage's `stagelm-train` config before the first stage runs, with exactly the
+    overrides it will get: a bad key or value in the last stage's settings fails in seconds, not after the
+    stages before it have trained. (Checkpoints that do not exist yet are not checked.)"""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    initialized_here = not GlobalHydra.instance().is_initialized()
+    if initialized_here:
+        initialize_config_module("stagelm.conf", version_base="1.3")
+    try:
+        for stage in stages:
+            output_dir = f"paths.output_dir={_override_value(str(out_dir / stage.name))}"
+            overrides = [*train_command_overrides(stage, logger, group), output_dir]
+            try:
+                cfg = compose("train", overrides=overrides)
+                OmegaConf.to_container(cfg, resolve=True)
+            except (HydraException, OmegaConfBaseException) as e:
+                message = " ".join(str(e).split())
+                raise SystemExit(f"error: the settings of stage {stage.name} are invalid: {message}") from None
+    finally:
+        if initialized_here:
+            GlobalHydra.instance().clear()
+
+
 def _fmt(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def check_inputs(stage: StagePlan) -> None:
+    """The checkpoints a stage starts from must be the bytes their stage's manifest records."""
+    from stagelm.checkpoint import verify_against_manifest
+    from stagelm.errors import CheckpointError
+
+    for role, path in (("init_from", stage.init_from), ("reward_model", stage.reward_model)):
+        if path:
+            try:
+                verify_against_manifest(path, role)
+            except CheckpointError as e:
+                raise SystemExit(f"error: stage {stage.name}: {e}") from None
+
+
 def run_stage(stage: StagePlan, out_dir: Path, logger: str, group: str) -> None:
     stage_dir = out_dir / stage.name
     marker = stage_dir / "stage.json"
-    resume = None
-    if marker.exists():
-        previous = json.loads(marker.read_text())
-        last = stage_dir / "checkpoints" / "last.ckpt"
-        if previous.get("key") == stage.key and last.exists():
-            resume = last
-        elif previous.get("key") != stage.key:
-            # a different config: keep the old outputs beside, never overwrite them silently
-            backup = out_dir / f"{stage.name}.previous"
-            shutil.rmtree(backup, ignore_errors=True)
-            stage_dir.rename(backup)
+    if marker.exists() and json.loads(marker.read_text()).get("key") != stage.key:
+        # a different config: keep the old outputs beside, never overwrite them silently
+        backup = out_dir / f"{stage.name}.previous"
+        shutil.rmtree(backup, ignore_errors=True)
+        stage_dir.rename(backup)
+    check_inputs(stage)
+    if (stage_dir / "checkpoints" / "last.ckpt").exists():
+        log.info("resuming %s from its last.ckpt", stage.name)
     stage_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": stage.key, "status": "running", "overrides": stage.overrides}, indent=2))
     command = [
         sys.executable,
         "-m",
         "stagelm.cli.train",
-        f"stage={stage.name}",
-        f"task_name={stage.name}",
-        f"hydra.run.dir={stage_dir}",
-        f"logger={logger}",
-        "validate_before=true",
-        *stage.overrides,
+        f"hydra.run.dir={_override_value(str(stage_dir))}",
+        *train_command_overrides(stage, logger, group),
     ]
-    if stage.init_from:
-        command.append(f"init_from={stage.init_from}")
-    if stage.reward_model:
-        command.append(f"reward_model={stage.reward_model}")
-    if logger == "wandb":
-        command += [f"+logger.wandb.group={group}", f"logger.wandb.name={stage.name}"]
-    if resume is not None:
-        command.append(f"ckpt_path={resume}")
-        log.info("resuming %s from %s", stage.name, resume)
     result = subprocess.run(command)
     if result.returncode != 0:
         raise SystemExit(f"error: stage {stage.name} failed (exit {result.returncode}); re-run to resume it")
@@ -199,8 +247,9 @@ def run_pipeline(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = plan(cfg, out_dir, group_choice(cfg, "model"))
     logger = group_choice(cfg, "logger")
-    expected = {s.name: float(cfg.expected_minutes.get(s.name, 1.0)) * 60 for s in stages}
     group = f"pipeline-{hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]}"
+    validate(stages, out_dir, logger, group)
+    expected = {s.name: float(cfg.expected_minutes.get(s.name, 1.0)) * 60 for s in stages}
     started = time.perf_counter()
     spent_ratio: list[float] = []
     for i, stage in enumerate(stages, 1):
@@ -209,6 +258,7 @@ def run_pipeline(cfg: DictConfig) -> Path:
         remaining = speed * sum(expected[s.name] for s in stages[i - 1 :] if not is_done(s, out_dir))
         header = f"[stage {i}/{len(stages)}] {stage.name}"
         if is_done(stage, out_dir):
+            check_inputs(stage)
             print(f"{header}: done earlier with the same config, skipped", flush=True)
             continue
         print(f"{header}  (elapsed {_fmt(elapsed)}, about {_fmt(remaining)} to go)", flush=True)
@@ -230,7 +280,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def open_stage_settings(argv: list[str]) -> list[str]:
     """Per-stage settings are free-form (`grpo.beta=0`), but Hydra only adds new keys with `++`: add it."""
-    free = tuple(f"{name}." for name in [*UPSTREAM, "common"])
+    free = tuple(f"{name}." for name in [*STAGES, "common"])
     return [f"++{a}" if a.startswith(free) and "=" in a else a for a in argv]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,16 +20,18 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
-from stagelm.checkpoint import load_checkpoint, read_checkpoint
+from stagelm.checkpoint import config_hash, load_checkpoint, read_checkpoint, verify_against_manifest, write_manifest
 from stagelm.config import register_resolvers
 from stagelm.errors import CheckpointError, ConfigError, StagelmError
 from stagelm.model import ModelConfig
 from stagelm.precision import resolve_precision
 from stagelm.tokenizer import Tokenizer, train_tokenizer
-from stagelm.training import AtomicCheckpointIO
+from stagelm.training import AtomicCheckpointIO, LastCheckpoint, Preempted
 
 log = logging.getLogger("stagelm")
 register_resolvers()
@@ -60,6 +63,18 @@ def instantiate_dict(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def resume_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path`, with `auto` meaning the run folder's last.ckpt when there is one (else a fresh start)."""
+    value = cfg.get("ckpt_path")
+    if value != "auto":
+        return value or None
+    last = Path(cfg.paths.output_dir) / "checkpoints" / LastCheckpoint.FILENAME
+    if last.is_file():
+        return str(last)
+    log.info("ckpt_path=auto: no %s yet, starting fresh", last)
+    return None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one stage as configured; return the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -67,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
 
     if cfg.get("init_from"):
+        verify_against_manifest(cfg.init_from, "init_from")  # before anything else: a clear error, in seconds
         loaded = load_checkpoint(cfg.init_from)
         tokenizer, model_config = loaded.tokenizer, loaded.model_config
         log.info("starting from %s (stage %s)", cfg.init_from, loaded.stage)
@@ -75,8 +91,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model_config = build_model_config(cfg, tokenizer.vocab_size)
     if hasattr(datamodule, "set_tokenizer"):
         datamodule.set_tokenizer(tokenizer)
-    if cfg.get("ckpt_path"):
-        resumed = read_checkpoint(cfg.ckpt_path)
+    ckpt_path = resume_path(cfg)
+    if ckpt_path:
+        resumed = read_checkpoint(ckpt_path)
         found = ModelConfig.from_dict(resumed["stagelm"]["model_config"])
         if found != model_config:
             diffs = [
@@ -84,9 +101,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 for k, v in model_config.to_dict().items()
                 if found.to_dict()[k] != v
             ]
-            raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not fit the model: " + "; ".join(diffs))
-        if hasattr(datamodule, "start_sample"):
-            datamodule.start_sample = resumed.get("global_step", 0) * datamodule.batch_size
+            raise CheckpointError(f"ckpt_path={ckpt_path} does not fit the model: " + "; ".join(diffs))
+        log.info("resuming from %s (step %d)", ckpt_path, resumed.get("global_step", 0))
 
     # partial first: passing objects through instantiate would turn them into OmegaConf nodes
     stage_factory = instantiate(cfg.stage, _partial_=True)
@@ -110,20 +126,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model_config.num_params(active_only=True) / 1e6,
     )
     before: dict[str, float] = {}
-    if cfg.get("validate_before") and not cfg.get("ckpt_path"):
+    if cfg.get("validate_before") and not ckpt_path:
         # the headline metrics of the starting point, for before/after reports
         before = _scalars(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
         for metric in module.modules():  # states written under inference mode cannot be updated in training
             if isinstance(metric, Metric):
                 metric.reset()
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (a signal during validation); LastCheckpoint saved
+        last_cb = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        if last_cb is None:
+            raise
+        raise Preempted(signal.SIGTERM, trainer.global_step, last_cb.path) from None
     metrics = _scalars(trainer.callback_metrics)
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
-        ckpt_cb = trainer.checkpoint_callback
-        if ckpt_cb is not None and ckpt_cb.last_model_path:
-            log.info("checkpoints: last %s, best %s", ckpt_cb.last_model_path, ckpt_cb.best_model_path)
+        best = next((c.best_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        last = next((str(c.path) for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        log.info("checkpoints: last %s, best %s", last, best)
         log.info("outputs in %s", out)
         summary = {
             "stage": module.stage_name,
@@ -132,11 +154,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "wall_time_s": time.perf_counter() - started,
             "tokens_seen": module.tokens_seen,
             "global_step": trainer.global_step,
-            "best_checkpoint": ckpt_cb.best_model_path if ckpt_cb is not None else None,
-            "last_checkpoint": ckpt_cb.last_model_path if ckpt_cb is not None else None,
+            "best_checkpoint": best or None,
+            "last_checkpoint": last,
         }
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        if last:
+            write_manifest(Path(last).parent, module.stage_name, config_hash(module.run_config))
         if cfg.get("print_samples") and hasattr(module, "sample_completions"):
             print("\nsamples (greedy):")
             for prompt, completion in module.sample_completions():
@@ -148,8 +172,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
+    except Preempted as e:  # not an error: the job was asked to stop and saved its state
+        print(f"stagelm: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except StagelmError as e:  # Hydra would print a stack trace for anything that reaches it
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     monitor = cfg.get("monitor", {}).get("metric")
     return metrics.get(monitor) if monitor else None  # the value an Optuna sweep optimises

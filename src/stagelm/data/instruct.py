@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render_for_training
-from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.jsonl import check_renders, iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
 
@@ -65,6 +66,9 @@ def to_conversation(record: dict[str, Any], where: str) -> Conversation:
         messages = _as_messages(record["prompt"], "user", where, "prompt")
         messages = messages + _as_messages(record["completion"], "assistant", where, "completion")
     elif "instruction" in record and "output" in record:
+        for field in ("instruction", "input", "output"):
+            if not isinstance(record.get(field, ""), (str, type(None))):
+                raise DataError(f"{where}: '{field}' must be a string")
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     else:
@@ -74,6 +78,7 @@ def to_conversation(record: dict[str, Any], where: str) -> Conversation:
         )
     if not any(m.get("role") == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn to learn from")
+    check_renders(messages, record.get("tools"), where, "messages")
     answer = record.get("answer")
     answer = None if answer is None else str(answer)
     extras = {key: record[key] for key in ("turns", "needed_calls", "standalone") if key in record}
@@ -207,7 +212,7 @@ class InstructDataModule(L.LightningDataModule):
         sampler = torch.utils.data.RandomSampler(
             self._train, replacement=True, num_samples=self.max_steps * self.batch_size * world, generator=generator
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self._train,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -29,6 +29,17 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield where, record
 
 
+def check_renders(messages: list[Any], tools: Any, where: str, field: str) -> None:
+    """A DataError naming file:line and the field when the chat format cannot render a record's messages (unknown
+    role, a malformed tool call, content that is not text): caught when the file is read, not mid-training."""
+    from stagelm.chat import ChatFormatError, render
+
+    try:
+        render(messages, tools=tools)
+    except ChatFormatError as e:
+        raise DataError(f"{where}: '{field}': {e}") from None
+
+
 def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render
-from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.jsonl import check_renders, iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
 
@@ -91,6 +92,7 @@ def to_problem(record: dict[str, Any], where: str) -> MathProblem:
         solution = record.get("solution", solution)
     if not messages or messages[-1].get("role") != "user":
         raise DataError(f"{where}: the prompt must end with a user turn")
+    check_renders(messages, None, where, "prompt")
     level = record.get("level")
     if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
         raise DataError(f"{where}: 'level' must be an integer, found {level!r}")
@@ -163,7 +165,6 @@ class MathDataModule(L.LightningDataModule):
         self.eval_examples, self.eval_batch_size = eval_examples, eval_batch_size
         self.max_prompt_length, self.num_workers = max_prompt_length, num_workers
         self.tokenizer: Tokenizer | None = None
-        self.start_sample = 0  # set on resume so the prompts continue where the run stopped
         self.too_long = 0  # prompts left out for being longer than max_prompt_length tokens
         self.train_problems: list[MathProblem] = []
         self.val_problems: list[MathProblem] = []
@@ -218,8 +219,8 @@ class MathDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         total = self.max_steps * self.batch_size * world
         generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randint(len(self._train), (total,), generator=generator)[self.start_sample :].tolist()
-        return DataLoader(
+        order = torch.randint(len(self._train), (total,), generator=generator).tolist()
+        return ResumableDataLoader(
             [self._train[i] for i in order],
             batch_size=self.batch_size,
             shuffle=False,

@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render_for_training
-from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.jsonl import check_renders, iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
 
@@ -114,6 +115,8 @@ def to_pair(record: dict[str, Any], where: str) -> PreferencePair:
         )
     _check_reply(chosen, where, "chosen")
     _check_reply(rejected, where, "rejected")
+    for field, reply in (("chosen", chosen), ("rejected", rejected)):
+        check_renders(prompt + reply, record.get("tools"), where, field)
     answer = record.get("answer")
     return PreferencePair(
         prompt, chosen, rejected, record.get("tools"), None if answer is None else str(answer), record.get("rule")
@@ -275,7 +278,7 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = torch.utils.data.RandomSampler(
             self.train_data, replacement=True, num_samples=self.max_steps * self.batch_size * world, generator=generator
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_data,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from stagelm.chat import ChatFormatError, Message, render
-from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.jsonl import check_renders, iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import Tokenizer
 
@@ -68,6 +69,7 @@ def to_prompt(record: dict[str, Any], where: str) -> Prompt:
     tools = record.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise DataError(f"{where}: 'tools' must be a list")
+    check_renders(messages, tools, where, "prompt" if "prompt" in record else "messages")
     answer = record.get("answer")
     return Prompt(messages, tools, None if answer is None else str(answer), record.get("family"))
 
@@ -191,7 +193,7 @@ class PromptDataModule(L.LightningDataModule):
             num_samples=self.max_steps * self.batch_size * world,
             generator=generator,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self._train_items,
             batch_size=self.batch_size,
             sampler=sampler,

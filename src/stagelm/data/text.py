@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stagelm.data.jsonl import iter_jsonl
+from stagelm.data.resumable import ResumableDataLoader
 from stagelm.errors import DataError
 from stagelm.tokenizer import BOS, Tokenizer
 
@@ -81,19 +82,19 @@ def tokenize_to_cache(docs: list[str], tokenizer: Tokenizer, cache_file: Path) -
 
 
 class RandomWindows(Dataset):
-    """Item i is a window at an offset drawn from (seed, start + i): reproducible, and a resumed run continues
-    the sequence instead of replaying it."""
+    """Item i is a window at an offset drawn from (seed, i): reproducible, and a resumed run (which skips the
+    batches already served, `ResumableDataLoader`) continues the sequence instead of replaying it."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, length: int, seed: int, start: int = 0) -> None:
+    def __init__(self, tokens: np.ndarray, block_size: int, length: int, seed: int) -> None:
         if len(tokens) <= block_size + 1:
             raise DataError(f"training split has {len(tokens)} tokens, fewer than block_size + 2 = {block_size + 2}")
-        self.tokens, self.block_size, self.length, self.seed, self.start = tokens, block_size, length, seed, start
+        self.tokens, self.block_size, self.length, self.seed = tokens, block_size, length, seed
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng((self.seed, self.start + i))
+        rng = np.random.default_rng((self.seed, i))
         offset = int(rng.integers(0, len(self.tokens) - self.block_size - 1))
         window = torch.from_numpy(self.tokens[offset : offset + self.block_size + 1].astype(np.int64))
         return window[:-1], window[1:]
@@ -140,7 +141,6 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction, self.val_windows, self.max_steps, self.seed = val_fraction, val_windows, max_steps, seed
         self.builtin_chars, self.cache_dir, self.num_workers = builtin_chars, Path(cache_dir), num_workers
         self.tokenizer: Tokenizer | None = None
-        self.start_sample = 0  # set on resume so the data continues where the run stopped
         self._docs: list[str] | None = None
         self.train_tokens: np.ndarray | None = None
         self.val_tokens: np.ndarray | None = None
@@ -172,8 +172,8 @@ class TextDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         length = self.max_steps * self.batch_size * accumulate * world
-        dataset = RandomWindows(self.train_tokens, self.block_size, length, self.seed, self.start_sample)
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True)
+        dataset = RandomWindows(self.train_tokens, self.block_size, length, self.seed)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         dataset = FixedWindows(self.val_tokens, self.block_size, self.val_windows)

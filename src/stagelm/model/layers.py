@@ -10,34 +10,6 @@ from torch import nn
 from stagelm.model.config import ModelConfig
 
 
-def use_custom_autograd(x: torch.Tensor) -> bool:
-    """Whether the autograd Functions with hand-written backwards apply: not under autocast (whose casts they
-    would not replay in the backward) nor under torch.compile (which traces and fuses the plain ops itself).
-    They compute the same forward, so training and inference take the same path."""
-    return not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """fp32 RMSNorm with a hand-written backward: 6 kernels instead of autograd's ~14 for the formula."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # [..., 1]
-        n = x * r
-        ctx.save_for_backward(n, r, weight)
-        return n * weight
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        n, r, weight = ctx.saved_tensors
-        t = dy * n
-        dw = t.reshape(-1, t.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        # n = x r with r = (mean(x^2) + eps)^-1/2 gives dx = r (dn - n mean(dn n)), where dn = dy w
-        dn_dot_n = (t @ weight).unsqueeze(-1)  # [..., 1], sum over the feature dim of dn * n
-        dx = torch.addcmul(dy * weight, n, dn_dot_n, value=-1.0 / n.shape[-1]).mul_(r)
-        return dx, dw, None
-
-
 class RMSNorm(nn.Module):
     """`w * x * rsqrt(mean(x^2) + eps)`, normalised in fp32 whatever the input dtype."""
 
@@ -47,14 +19,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if not torch.is_grad_enabled():  # sampling and evaluation: one fused kernel
-                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-            if use_custom_autograd(x):
-                return _RMSNormFunction.apply(x, self.weight, self.eps)
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_frequencies(head_dim: int, theta: float, positions: torch.Tensor) -> torch.Tensor:

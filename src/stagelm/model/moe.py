@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stagelm.model.config import ModelConfig
-from stagelm.model.layers import SwiGLU, use_custom_autograd
+from stagelm.model.layers import SwiGLU
 
 
 @dataclass
@@ -76,46 +76,8 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -
     return y
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    """All experts' SwiGLU over expert-sorted rows, with a hand-written backward that keeps memory traffic low.
-
-    Only the inputs and the gate|up activations are saved: silu(gate) and the product are recomputed in the
-    backward (one cheap element-wise pass each) rather than stored, which halves the activations an MoE layer
-    holds and, on CPU, the fresh pages the allocator must fault in every step. The gate|up gradient is then
-    written over the saved activations themselves, so the backward allocates no [N, 2F] buffer and the
-    gate_up matmul's backward needs no concatenation."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        gu = F.grouped_mm(x, gate_up, offs=ends)  # [N, 2F]
-        f = gu.shape[-1] // 2
-        h = F.silu(gu[:, :f]).mul_(gu[:, f:])  # [N, F]
-        ctx.save_for_backward(x, gate_up, down, ends, gu)
-        return F.grouped_mm(h, down, offs=ends)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, gate_up, down, ends, gu = ctx.saved_tensors
-        dy = dy.contiguous()  # grouped_mm rejects the stride-0 gradients of e.g. `.sum().backward()`
-        f = gu.shape[-1] // 2
-        gate, up = gu[:, :f], gu[:, f:]  # [N, F] views
-        s = F.silu(gate)
-        h = s * up
-        d_down = F.grouped_mm(h.t(), dy, offs=ends) if ctx.needs_input_grad[2] else None  # [G, F, D]
-        dh = F.grouped_mm(dy, down.transpose(1, 2), offs=ends)  # [N, F]
-        dh_up = torch.mul(dh, up, out=h)  # h is spent
-        torch.mul(dh, s, out=up)  # d up, over up (spent)
-        torch.ops.aten.silu_backward.grad_input(dh_up, gate, grad_input=gate)  # d gate, over gate
-        dgu = gu  # [N, 2F] now the gate|up gradient
-        dx = F.grouped_mm(dgu, gate_up.transpose(1, 2), offs=ends) if ctx.needs_input_grad[0] else None
-        d_gate_up = F.grouped_mm(x.t(), dgu, offs=ends) if ctx.needs_input_grad[1] else None  # [G, D, 2F]
-        return dx, d_gate_up, d_down, None
-
-
 def experts_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """SwiGLU of each group of expert-sorted rows x [N, D] with its expert's weights -> [N, D]."""
-    if use_custom_autograd(x):
-        return _GroupedSwiGLU.apply(x, gate_up, down, ends)
     gate, up = grouped_matmul(x, gate_up, ends).chunk(2, dim=-1)  # [N, F] each
     return grouped_matmul(F.silu(gate) * up, down, ends)
 
@@ -124,26 +86,6 @@ def experts_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, e
 # every expert on every token: measured on CPU, a compiled batch-1 decode step is 1.7x faster that way than with
 # sorted dispatch, whose small grouped matmuls have a high fixed cost.
 COMPILED_ALL_EXPERTS_MAX_PAIRS = 256
-
-
-class _RowGather(torch.autograd.Function):
-    """`x[index]` for an index that is a permutation of the rows of x repeated `k` times (each row of x
-    appears exactly k times): the backward is a gather by the inverse permutation and a sum over the k
-    copies, instead of the scattered accumulation that indexing needs in general."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (inverse,) = ctx.saved_tensors
-        dx = dy.index_select(0, inverse)  # [N*k, D] in (token, slot) order
-        if ctx.k > 1:
-            dx = dx.view(-1, ctx.k, dx.shape[-1]).sum(1)
-        return dx, None, None, None
 
 
 class MoE(nn.Module):
@@ -208,26 +150,11 @@ class MoE(nn.Module):
         token_index = order // k if k > 1 else order  # [N*k] source token of each sorted assignment
         ends = self._expert_counts(flat_experts).cumsum(0).to(torch.int32)  # [E]
 
-        custom = use_custom_autograd(tokens)
-        if custom:
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            routed_in = _RowGather.apply(tokens, token_index, inverse, k)  # [N*k, D]
-        else:
-            routed_in = tokens.index_select(0, token_index)
+        routed_in = tokens.index_select(0, token_index)  # [N*k, D]
         if self.router_kind == "sigmoid":
             routed_in = routed_in * scores.reshape(-1).index_select(0, order)[:, None]
         routed_out = experts_swiglu(routed_in, self.gate_up_proj, self.down_proj, ends)  # [N*k, D]
-
-        weighted = self.router_kind == "softmax" and k > 1  # top-1 softmax weights are exactly 1
-        if custom:
-            # back to (token, slot) order by the inverse permutation, then weight and sum the k slots
-            out = _RowGather.apply(routed_out, inverse, order, 1)  # [N*k, D]
-            if k > 1:
-                out = out.view(N, k, D)
-                out = (out * scores[..., None] if weighted else out).sum(1)  # [N, D]
-            return out
-        if weighted:
+        if self.router_kind == "softmax" and k > 1:  # top-1 softmax weights are exactly 1
             routed_out = routed_out * scores.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros_like(tokens).index_add_(0, token_index, routed_out)  # [N, D]
 

@@ -1,19 +1,31 @@
 """What every stage shares: the backbone built from a ModelConfig (optionally initialised from the checkpoint of
-the stage before), AdamW with weight decay only on matrices, a warmup + cosine schedule, throughput logging, and
-the stagelm metadata that makes every checkpoint self-sufficient."""
+the stage before), AdamW with weight decay only on matrices, a warmup + cosine schedule, throughput logging, the
+stagelm metadata that makes every checkpoint self-sufficient, and what makes a resume exact: the RNG states and
+`tokens_seen` in every checkpoint, the digests of the inputs it was built from, frozen models (references, reward
+models) rebuilt rather than saved, and one optimizer-step convention for the manual-optimization stages."""
 
 from __future__ import annotations
 
+import copy
 import math
+import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 
-from stagelm.checkpoint import load_checkpoint, load_weights_strict, stagelm_metadata, submodule_state
+from stagelm.checkpoint import (
+    load_checkpoint,
+    load_weights_strict,
+    stagelm_metadata,
+    submodule_state,
+    verify_against_manifest,
+)
 from stagelm.errors import CheckpointError
 from stagelm.model import ModelConfig, Transformer
 from stagelm.tokenizer import Tokenizer
@@ -42,10 +54,41 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _no_closure() -> None:
+    """Manual optimization computes the loss and gradients before stepping."""
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random stream a step may draw from (dropout, sampling without an explicit generator, shuffles), as
+    tensors and plain values, so the checkpoint still loads with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class StageModule(L.LightningModule):
     """Base LightningModule: subclasses implement training_step/validation_step for their objective."""
 
     stage_name = "base"
+    # attributes holding frozen models (a reference policy, a reward model): rebuilt from their paths when the
+    # module is built (on resume too), kept in eval mode, and never saved in checkpoints
+    frozen: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -64,13 +107,30 @@ class StageModule(L.LightningModule):
         self.weight_decay, self.warmup_steps, self.min_lr_ratio = weight_decay, warmup_steps, min_lr_ratio
         self.init_from = init_from
         self.model = Transformer(model_config)
+        # sha256 of every checkpoint this run is built from (init_from; PPO adds its reward model)
+        self.input_digests: dict[str, str] = {}
         if init_from:
+            self.input_digests["init_from"] = verify_against_manifest(init_from, "init_from")
             self.load_backbone(init_from)
         # compile the inner nn.Module only: Dynamo cannot trace Lightning's self.log
         self.forward_model = torch.compile(self.model) if compile else self.model
         self._step_started: float | None = None
         self.tokens_seen = 0  # training tokens over all processes, kept across resumes (checkpoint metadata)
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, saved in checkpoints
+        if self.frozen:
+            self.strict_loading = False  # checkpoints leave the frozen models out
+
+    def frozen_reference(self) -> Transformer:
+        """The frozen reference policy (DPO, PPO, GRPO): a copy of the policy as it starts, i.e. of `init_from`.
+        A resumed run rebuilds it the same way, from the same (manifest-checked) `init_from`."""
+        return copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> StageModule:
+        super().train(mode)
+        for name in self.frozen:  # Lightning puts the whole module in train mode; frozen models never are
+            if (module := getattr(self, name, None)) is not None:
+                module.eval()
+        return self
 
     def load_backbone(self, path: str) -> None:
         loaded = load_checkpoint(path)
@@ -92,6 +152,19 @@ class StageModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def step_optimizer(self, optimizer: LightningOptimizer, max_grad_norm: float | None, count: bool = True) -> None:
+        """One update in manual optimization (PPO, GRPO): clip, step through Lightning's strategy and precision
+        plugin (so mixed precision, sharded strategies, `on_before_optimizer_step` hooks and the non-finite guard
+        all see it), zero the gradients. `count=False` leaves the trainer's step count alone: PPO counts one
+        trainer step per iteration, however many mini-batch updates it holds."""
+        if max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        if count:
+            optimizer.step()
+        else:  # what LightningOptimizer.step does, without its progress bookkeeping
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure, model=self)
+        optimizer.zero_grad()
+
     # --- throughput ---------------------------------------------------------------------------------------------
     def log_throughput(self, tokens: int) -> None:
         """Log tokens/s of this step and the running total of tokens trained on (all processes)."""
@@ -112,10 +185,31 @@ class StageModule(L.LightningModule):
             self.stage_name,
             run_config=self.run_config,
             tokens_seen=self.tokens_seen,
+            inputs=self.input_digests,
         )
+        prefixes = tuple(f"{name}." for name in self.frozen)
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if prefixes and k.startswith(prefixes)]:
+            del state[key]
+
+        checkpoint["rng"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = checkpoint.get("stagelm", {}).get("inputs", {})
+        for role, digest in recorded.items():
+            if role in self.input_digests and self.input_digests[role] != digest:
+                raise CheckpointError(
+                    f"{role} changed since this run started (sha256 {self.input_digests[role][:16]}..., the run "
+                    f"began from {digest[:16]}...): resuming would rebuild a different frozen model; start afresh"
+                )
         self.tokens_seen = int(checkpoint.get("stagelm", {}).get("tokens_seen", 0))
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        # restored here rather than on load: building the data loaders in between must not consume the stream
+        if getattr(self, "_rng_to_restore", None):
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # --- sample tables --------------------------------------------------------------------------------------------
     def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:

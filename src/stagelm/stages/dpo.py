@@ -32,17 +32,16 @@ from stagelm.chat import parse_assistant
 from stagelm.data import world
 from stagelm.data.preference import PreferencePair
 from stagelm.errors import ConfigError
-from stagelm.evaluation import format_ok, generate_replies
+from stagelm.evaluation import format_ok, generate_replies, win_score
 from stagelm.losses import dpo_loss, sequence_logprobs, sum_by_sequence
-from stagelm.model import Transformer
 from stagelm.stages.base import StageModule
 
 log = logging.getLogger("stagelm")
-REF_PREFIX = "ref_model."
 
 
 class DPOModule(StageModule):
     stage_name = "dpo"
+    frozen = ("ref_model",)
 
     def __init__(
         self,
@@ -73,24 +72,9 @@ class DPOModule(StageModule):
             eval_batch_size,
             sample_rows,
         )
-        # the frozen reference is the checkpoint the policy starts from; it is rebuilt from init_from, never saved
-        self.ref_model = Transformer(self.model_config)
-        self.ref_model.load_state_dict(self.model.state_dict())
-        self.ref_model.requires_grad_(False).eval()
-        self.strict_loading = False
+        self.ref_model = self.frozen_reference()
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
         self._sft_replies: list[str] | None = None  # the reference's greedy replies to the eval prompts, once
-
-    def train(self, mode: bool = True) -> DPOModule:
-        super().train(mode)
-        self.ref_model.eval()  # Lightning puts the whole module in train mode; the reference never is
-        return self
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(REF_PREFIX)]:
-            del state[key]
 
     # --- log-probabilities ----------------------------------------------------------------------------------
     def reply_logps(
@@ -202,7 +186,7 @@ class DPOModule(StageModule):
         judged = [_judge(p, r) for p, r in zip(pairs, replies)]
         judged_sft = [_judge(p, r) for p, r in zip(pairs, self._sft_replies)]
         scores, sft = [j["score"] for j in judged], [j["score"] for j in judged_sft]
-        wins = [1.0 if s > b + 1e-9 else 0.5 if abs(s - b) <= 1e-9 else 0.0 for s, b in zip(scores, sft)]
+        wins = [win_score(s, b) for s, b in zip(scores, sft)]
         n = len(pairs)
         metrics = {
             "val/win_rate_vs_sft": sum(wins) / n,

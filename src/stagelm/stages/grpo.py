@@ -19,13 +19,12 @@ The first pass also checks that the training forward reproduces the sampler's lo
 the same learning rate on the same samples, but no information from the verifier. Comparing with it is how a gain
 is credited to the reward rather than to extra training (which alone can add points to an under-trained model).
 
-Validation: greedy accuracy on held-out problems (`val/accuracy`, per level), `val/pass@k` (k samples at
+Validation: greedy accuracy on held-out problems (`val/accuracy`, per level), `val/pass@k` (`pass_k` samples at
 `eval_temperature`), the share of replies in the rewarded format, and a table of sample replies.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections import defaultdict
@@ -38,38 +37,18 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from stagelm.errors import ConfigError
-from stagelm.generation import generate
 from stagelm.losses import GRPOLoss, group_advantages, grpo_loss, masked_mean
 from stagelm.model import Transformer
 from stagelm.rewards import REWARD_FUNCTIONS, BatchRewards, correctness_reward, format_reward, score_batch
-from stagelm.rollout import Rollout, completion_logprobs, sample_rollouts
+from stagelm.rollout import Rollout, completion_logprobs, greedy_replies, sample_rollouts, select_rows
 from stagelm.stages.base import StageModule
-from stagelm.tokenizer import END_OF_TURN, Tokenizer
+from stagelm.tokenizer import Tokenizer
 
 log = logging.getLogger("stagelm")
 
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
-
-
-def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
-    """The given rows of a rollout, with the columns that are padding in every one of them dropped (leading prompt
-    padding, trailing completion padding: the sampler pads to the longest prompt and to max_new_tokens). Positions
-    count real tokens only, so the forward pass over what is left computes the same log-probs."""
-    prompt_mask = rollout.attention_mask[rows, : rollout.prompt_width]
-    start = int(prompt_mask.any(0).nonzero()[0]) if prompt_mask.any() else 0
-    width = max(int(rollout.completion_mask[rows].sum(1).max()), 1)
-    end = rollout.prompt_width + width
-    return Rollout(
-        input_ids=rollout.input_ids[rows, start:end],
-        attention_mask=rollout.attention_mask[rows, start:end],
-        completion_mask=rollout.completion_mask[rows, :width],
-        logprobs=rollout.logprobs[rows, :width],
-        finished=rollout.finished[rows],
-        prompt_width=rollout.prompt_width - start,
-        replies=[rollout.replies[i] for i in rows.tolist()],
-    )
 
 
 @dataclass
@@ -109,16 +88,6 @@ class PassStats:
         return self.sums[name] / max(self.tokens, 1)
 
 
-@torch.no_grad()
-def greedy_replies(
-    model: Transformer, tokenizer: Tokenizer, prompt_ids: list[list[int]], max_new_tokens: int
-) -> list[str]:
-    """Greedy replies to already-rendered prompts, ending with `<|end|>` when the model finished its turn."""
-    stops = [tokenizer.token_id(END_OF_TURN), tokenizer.eos_id]
-    out = generate(model, prompt_ids, max_new_tokens, greedy=True, stop_tokens=stops, pad_id=tokenizer.pad_id)
-    return [tokenizer.decode(ids) for ids in out.completions()]
-
-
 def is_correct(reply: str, answer: str) -> bool:
     return correctness_reward(reply, answer) == 1.0
 
@@ -149,6 +118,7 @@ def evaluate_problems(
 
 class GRPOModule(StageModule):
     stage_name = "grpo"
+    frozen = ("ref_model",)
 
     def __init__(
         self,
@@ -179,7 +149,6 @@ class GRPOModule(StageModule):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        self.strict_loading = False  # the frozen reference is rebuilt from init_from, never saved
         self.reward_weights = {str(k): float(v) for k, v in (_plain(rewards) or {"correctness": 1.0}).items()}
         unknown = sorted(set(self.reward_weights) - set(REWARD_FUNCTIONS))
         if unknown:
@@ -205,7 +174,7 @@ class GRPOModule(StageModule):
         # since the module is rebuilt from the same init_from before the checkpoint's policy weights are loaded).
         self.ref_model: Transformer | None = None
         if beta > 0:
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            self.ref_model = self.frozen_reference()
         self.val_accuracy, self.val_pass_k, self.val_format = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_length = MeanMetric()
         self.val_by_level = nn.ModuleDict()
@@ -312,9 +281,7 @@ class GRPOModule(StageModule):
                 # weighted by the chunk's share, the micro-batches' gradients add up to the whole batch's
                 self.manual_backward(result.loss * chunk.weight + out.aux_loss / len(chunks))
                 stats.add(chunk, result, logp.detach(), entropy.detach(), out.aux_loss.detach(), len(chunks))
-            if self.max_grad_norm:
-                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
+            self.step_optimizer(optimizer, self.max_grad_norm)
             schedule.step()
             passes.append(stats)
         return passes
@@ -353,6 +320,7 @@ class GRPOModule(StageModule):
             "grpo/reward_errors": float(scored.errors),
             "grpo/reward_timeouts": float(scored.timeouts),
             "grpo/sample_seconds": sampled_in,
+            "rollout/tokens_per_sec": rollout.tokens_per_sec,
             "train/aux_loss": passes[-1].aux_loss,
             "train/lr": self.optimizers().param_groups[0]["lr"],
         }
@@ -404,7 +372,7 @@ class GRPOModule(StageModule):
         self.log("val/format", self.val_format.compute(), sync_dist=True)
         self.log("val/completion_len", self.val_length.compute(), sync_dist=True)
         if self.val_pass_k.update_count:
-            self.log(f"val/pass@{self.pass_k}", self.val_pass_k.compute(), sync_dist=True)
+            self.log("val/pass@k", self.val_pass_k.compute(), sync_dist=True)  # k is stage.pass_k
         for key, metric in self.val_by_level.items():
             self.log(f"val/accuracy_{key}", metric.compute(), sync_dist=True)
             metric.reset()
@@ -412,10 +380,3 @@ class GRPOModule(StageModule):
             metric.reset()
         if not self.trainer.sanity_checking:
             self.log_samples("val/samples", ["prompt", "reply", "answer", "correct"], self._val_rows)
-
-    # --- checkpoints --------------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("ref_model.")]:
-            del state[key]

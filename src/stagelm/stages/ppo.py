@@ -39,9 +39,9 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 
 from stagelm.chat import parse_assistant
-from stagelm.checkpoint import load_checkpoint
+from stagelm.checkpoint import verify_against_manifest
 from stagelm.errors import CheckpointError, ConfigError
-from stagelm.generation import generate
+from stagelm.evaluation import win_score
 from stagelm.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -59,11 +59,8 @@ from stagelm.losses import (
 from stagelm.model import Transformer
 from stagelm.model.heads import ScalarHead
 from stagelm.reward_model import RewardModel
-from stagelm.rollout import Rollout, completion_logprobs, sample_rollouts
+from stagelm.rollout import Rollout, completion_logprobs, generate_rollout, sample_rollouts, select_rows
 from stagelm.stages.base import StageModule, parameter_groups, warmup_cosine
-from stagelm.tokenizer import END_OF_TURN
-
-FROZEN_PREFIXES = ("ref_model.", "reward_model.")
 
 
 class ValueModel(nn.Module):
@@ -76,26 +73,6 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.backbone(input_ids, attention_mask=attention_mask, return_hidden=True, compute_logits=False)
         return self.head(out.hidden), out.aux_loss
-
-
-def take(rollout: Rollout, rows: torch.Tensor) -> tuple[Rollout, int]:
-    """The rollout's rows `rows`, without columns that are padding in all of them; also the completion width kept
-    (slice per-token tensors [B, N] of the whole rollout with `[rows, :n]`). Positions come from the attention
-    mask, so dropping all-padding prompt columns changes nothing."""
-    mask = rollout.attention_mask[rows]
-    P = rollout.prompt_width
-    left = int(mask[:, :P].any(0).int().argmax())  # first prompt column with a real token
-    n = max(1, int(rollout.completion_mask[rows].sum(1).max()))
-    sub = Rollout(
-        rollout.input_ids[rows, left : P + n],
-        mask[:, left : P + n],
-        rollout.completion_mask[rows, :n],
-        rollout.logprobs[rows, :n],
-        rollout.finished[rows],
-        P - left,
-        [rollout.replies[i] for i in rows.tolist()],
-    )
-    return sub, n
 
 
 def true_preference(messages: list[dict[str, Any]], answer: str | None, reply: str) -> float | None:
@@ -112,6 +89,7 @@ def true_preference(messages: list[dict[str, Any]], answer: str | None, reply: s
 
 class PPOModule(StageModule):
     stage_name = "ppo"
+    frozen = ("ref_model", "reward_model")
 
     def __init__(
         self,
@@ -156,7 +134,6 @@ class PPOModule(StageModule):
             raise ConfigError(f"stage.missing_eos_mode: expected 'subtract' or 'replace', found {missing_eos_mode!r}")
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        self.strict_loading = False  # the frozen models are rebuilt from their paths, not read from checkpoints
         self.reward_model_path, self.value_init = reward_model, value_init
         self.samples_per_prompt, self.max_new_tokens, self.temperature, self.top_p = (
             samples_per_prompt,
@@ -178,7 +155,8 @@ class PPOModule(StageModule):
         self.eval_max_new_tokens, self.sample_rows = eval_max_new_tokens, sample_rows
         self.kl_ctl = AdaptiveKLController(kl_coef, target_kl, horizon) if adaptive_kl else FixedKLController(kl_coef)
 
-        self.ref_model = load_checkpoint(self.init_from).model.requires_grad_(False).eval()
+        self.ref_model = self.frozen_reference()
+        self.input_digests["reward_model"] = verify_against_manifest(reward_model, "reward_model")
         rm = RewardModel.load(reward_model)
         if rm.tokenizer.to_dict() != self.tokenizer.to_dict():
             raise CheckpointError(
@@ -209,12 +187,6 @@ class PPOModule(StageModule):
         self._sft_cache: dict[tuple[str, int], tuple[torch.Tensor, list[str], torch.Tensor]] = {}  # per val batch
         self._val_rows: list[list[Any]] = []
 
-    def train(self, mode: bool = True) -> PPOModule:
-        super().train(mode)
-        self.ref_model.eval()
-        self.reward_model.eval()
-        return self
-
     # --- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> list[dict[str, Any]]:
         policy = parameter_groups(self.model, self.weight_decay)
@@ -240,12 +212,7 @@ class PPOModule(StageModule):
     def _optimizer_step(self, count: bool) -> None:
         optimizers = self.optimizers()
         for i, opt in enumerate(optimizers if isinstance(optimizers, list) else [optimizers]):
-            if self.max_grad_norm:
-                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-            # Lightning counts every LightningOptimizer.step as a trainer step; stepping the wrapped optimizer
-            # for all but the iteration's last update keeps one trainer step per PPO iteration
-            (opt.step if count and i == 0 else opt.optimizer.step)()
-            opt.zero_grad()
+            self.step_optimizer(opt, self.max_grad_norm, count=count and i == 0)
 
     # --- rollouts and scores ------------------------------------------------------------------------------------
     def _generator(self, offset: int) -> torch.Generator:
@@ -263,7 +230,7 @@ class PPOModule(StageModule):
             self.top_p,
             self._generator(offset),
         )
-        return take(rollout, torch.arange(len(rollout)))[0]
+        return select_rows(rollout, torch.arange(len(rollout)))
 
     @torch.no_grad()
     def calibrate_scores(self) -> None:
@@ -284,6 +251,7 @@ class PPOModule(StageModule):
             proj.bias.sub_(self.score_mean).div_(self.score_std)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.normalize_scores and not bool(self.score_calibrated):
             self.calibrate_scores()
 
@@ -325,6 +293,7 @@ class PPOModule(StageModule):
         judged = [j for j in judged if j is not None]
         metrics = {
             "ppo/reward_mean": raw_scores.mean(),
+            "rollout/tokens_per_sec": rollout.tokens_per_sec,
             "ppo/score_mean": scores.mean(),  # normalised and penalised: what PPO optimises, before the KL
             "ppo/rlhf_reward": (scores - kl_coef * seq_kl).mean(),
             "ppo/kl": seq_kl.mean(),
@@ -366,7 +335,8 @@ class PPOModule(StageModule):
             order = torch.randperm(B, generator=order_rng).to(self.device)
             for start in starts:
                 rows = order[start : start + size]
-                sub, n = take(rollout, rows)
+                sub = select_rows(rollout, rows)
+                n = sub.completion_mask.shape[1]
                 logp, _, out = completion_logprobs(self.forward_model, sub, self.temperature)
                 values, value_aux = self.completion_values(sub)
                 policy = ppo_policy_loss(
@@ -394,20 +364,9 @@ class PPOModule(StageModule):
     def answer(self, model: Transformer, prompt_ids: list[list[int]], sampled: bool, batch_idx: int) -> Rollout:
         """Greedy replies, or replies sampled at the rollout temperature from a stream fixed per batch (the same
         for every validation, so the SFT policy's samples, drawn once, stay comparable)."""
-        out = generate(
-            model,
-            prompt_ids,
-            self.eval_max_new_tokens,
-            greedy=not sampled,
-            temperature=self.temperature,
-            generator=self._generator(-(10**6) - batch_idx) if sampled else None,
-            pad_id=self.tokenizer.pad_id,
-            stop_tokens=[self.tokenizer.token_id(END_OF_TURN), self.tokenizer.eos_id],
-        )
-        input_ids, attention_mask = out.sequences()
-        replies = [self.tokenizer.decode(ids) for ids in out.completions()]
-        return Rollout(
-            input_ids, attention_mask, out.mask, out.logprobs, out.finished, out.prompt_ids.shape[1], replies
+        generator = self._generator(-(10**6) - batch_idx) if sampled else None
+        return generate_rollout(
+            model, self.tokenizer, prompt_ids, self.eval_max_new_tokens, not sampled, self.temperature, None, generator
         )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -438,7 +397,7 @@ class PPOModule(StageModule):
                 mine = true_preference(messages, answer, answers.replies[i])
                 theirs = true_preference(messages, answer, sft_replies[i])
                 if mine is not None and theirs is not None:
-                    metrics["win"].update(1.0 if mine > theirs else 0.5 if mine == theirs else 0.0)
+                    metrics["win"].update(win_score(mine, theirs))
                     metrics["pref"].update(mine)
                     metrics["pref_sft"].update(theirs)
                 if len(self._val_rows) < self.sample_rows * len(self.val_metrics) and i < self.sample_rows:
@@ -478,12 +437,10 @@ class PPOModule(StageModule):
     # --- checkpoints --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-            del state[key]
         checkpoint["stagelm"]["reward_model"] = self.reward_model_path
         checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "ppo" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["ppo"]["kl_controller"])
