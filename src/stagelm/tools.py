@@ -1,4 +1,5 @@
-"""Tools a chat model can call. The built-in world teaches one: `calculator`, evaluated safely (no eval())."""
+"""Tools a chat model can call. The built-in world teaches two: `calculator` (exact integer arithmetic, evaluated
+safely, no eval()) and `convert` (units), so choosing the tool is part of the decision."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ CALCULATOR_SCHEMA = {
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluate an arithmetic expression with integers, + - * and parentheses.",
+        # descriptions are short: they are rendered into every prompt that offers the tool (one token a character)
+        "description": "exact integer arithmetic",
         "parameters": {
             "type": "object",
             "properties": {"expression": {"type": "string", "description": "for example '4821 * 37'"}},
@@ -19,6 +21,34 @@ CALCULATOR_SCHEMA = {
         },
     },
 }
+
+CONVERTER_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "convert",
+        "description": "unit conversion",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "value": {"type": "integer"},
+                "from_unit": {"type": "string", "description": "for example 'km'"},
+                "to_unit": {"type": "string", "description": "for example 'm'"},
+            },
+            "required": ["value", "from_unit", "to_unit"],
+        },
+    },
+}
+# (from, to) -> factor; the other direction is exact when the value divides
+UNIT_FACTORS = {
+    ("km", "m"): 1000,
+    ("m", "cm"): 100,
+    ("kg", "g"): 1000,
+    ("hours", "minutes"): 60,
+    ("minutes", "seconds"): 60,
+    ("days", "hours"): 24,
+    ("weeks", "days"): 7,
+}
+BUILTIN_TOOL_SCHEMAS = [CALCULATOR_SCHEMA, CONVERTER_SCHEMA]
 
 _OPERATORS = {
     ast.Add: operator.add,
@@ -61,13 +91,24 @@ def calculator(expression: str) -> str:
         return f"error: {e}"
 
 
+def convert(value: Any, from_unit: Any, to_unit: Any) -> str:
+    """The converter's reply: the converted whole number as text ("5000"), or "error: ..." the model can read."""
+    if type(value) is not int:
+        return "error: value must be a whole number"
+    if factor := UNIT_FACTORS.get((from_unit, to_unit)):
+        return str(value * factor)
+    if (factor := UNIT_FACTORS.get((to_unit, from_unit))) and value % factor == 0:
+        return str(value // factor)
+    return f"error: cannot convert {from_unit} to {to_unit}"
+
+
 def run_tool_call(call: dict[str, Any]) -> str:
     """Execute one OpenAI-shaped tool call with the built-in tools; unknown tools and bad arguments are errors
     returned to the model as text, never raised."""
     fn = call.get("function", {}) if isinstance(call, dict) else None
     if not isinstance(fn, dict):
         return "error: a tool call is an object with a 'function' object"
-    if fn.get("name") != "calculator":
+    if fn.get("name") not in ("calculator", "convert"):
         return f"error: unknown tool {fn.get('name')!r}"
     raw = fn.get("arguments") or "{}"
     try:
@@ -76,4 +117,6 @@ def run_tool_call(call: dict[str, Any]) -> str:
         return "error: arguments are not JSON"
     if not isinstance(arguments, dict):
         return "error: arguments must be a JSON object"
+    if fn["name"] == "convert":
+        return convert(arguments.get("value"), arguments.get("from_unit"), arguments.get("to_unit"))
     return calculator(str(arguments.get("expression", "")))

@@ -47,9 +47,10 @@ def test_sft_stage_runs_logs_and_reloads(tmp_path: Path, tiny_pretrained: Path) 
         "stage.eval_max_new_tokens=16",
     )
     metrics = train(cfg)
-    for name in ("train/loss", "val/loss", "val/exact_match", "val/format_ok"):
+    for name in ("train/loss", "val/loss", "val/exact_match", "val/format_ok", "val/tool_decision"):
         assert name in metrics, sorted(metrics)
     assert 0.0 <= metrics["val/exact_match"] <= 1.0
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k.startswith(("val/tool_", "val/exact_match_turn")))
     before = load_checkpoint(tiny_pretrained)
     after = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert after.stage == "sft" and after.tokenizer.to_dict() == before.tokenizer.to_dict()

@@ -1,8 +1,10 @@
 """`stagelm-chat ckpt=PATH`: a multi-turn chat in the terminal with any SFT-or-later checkpoint.
 
-Replies stream token by token. `/reset` starts a new conversation, `/exit` (or end of input) quits. When the
-model calls the built-in `calculator` tool, the call is executed and the result is fed back so the model can
-finish its answer. Old turns are dropped (the system prompt is kept) when the conversation outgrows the context.
+Replies stream token by token. `/reset` starts a new conversation, `/exit` (or end of input) quits. The built-in
+tools (`calculator`, `convert`) are offered by default (`tools=false` turns them off): when the model calls one,
+the call is executed, shown with its result (`[calculator {"expression": "4821 * 37"} -> 178377]`), and the result
+is fed back so the model can finish its answer. Old turns are dropped (the system prompt is kept) when the
+conversation outgrows the context.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from stagelm.errors import StagelmError
 from stagelm.generation import TextStream, generate
 from stagelm.model import Transformer
 from stagelm.tokenizer import Tokenizer
-from stagelm.tools import CALCULATOR_SCHEMA, run_tool_call
+from stagelm.tools import BUILTIN_TOOL_SCHEMAS, run_tool_call
 
 MAX_TOOL_ROUNDS = 3
 
@@ -35,7 +37,7 @@ class ChatSession:
         sampling: dict,
     ) -> None:
         self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.tools = [CALCULATOR_SCHEMA] if tools else None
+        self.tools = list(BUILTIN_TOOL_SCHEMAS) if tools else None
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.generator = torch.Generator(device=next(model.parameters()).device)
         if sampling.get("seed") is not None:
@@ -78,7 +80,7 @@ class ChatSession:
                 return message
             for call in message["tool_calls"]:
                 result = run_tool_call(call)
-                write(f"\n[tool {call['function']['name']} -> {result}]\n")
+                write(f"\n[{call['function']['name']} {call['function']['arguments']} -> {result}]\n")
                 self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
         return message
 

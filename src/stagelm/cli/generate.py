@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from stagelm.chat import ChatFormatError, render
 from stagelm.checkpoint import CheckpointError, load_checkpoint
 from stagelm.generation import TextStream, generate
+from stagelm.tools import BUILTIN_TOOL_SCHEMAS
 
 EXIT_USAGE = 2
 
@@ -88,7 +89,8 @@ def run(cfg: DictConfig) -> None:
     if cfg.messages is not None:
         # chat input: render the conversation, let the model answer as the assistant, print only the reply
         messages = load_messages(cfg.messages)
-        prompt_ids = tokenizer.encode(render(messages, add_generation_prompt=True))
+        tools = list(BUILTIN_TOOL_SCHEMAS) if cfg.tools else None
+        prompt_ids = tokenizer.encode(render(messages, add_generation_prompt=True, tools=tools))
         prompt, stop_tokens = "", tokenizer.reply_stop_ids
     else:
         # Hydra parses `prompt=123` or `prompt=true` as a number or bool; the user meant text either way.

@@ -33,6 +33,11 @@ class Conversation:
     tools: list[dict[str, Any]] | None = None
     answer: str | None = None  # reference final answer, when known
     family: str | None = None  # task family of built-in data, for per-family metrics
+    # built-in data, for the tool and multi-turn metrics (stagelm.chat_metrics): the user turns, the tool calls
+    # the last turn needs (None: not known), and the last question asked alone (a full conversation)
+    turns: int = 1
+    needed_calls: list[dict[str, Any]] | None = None
+    standalone: list[Message] | None = None
 
     @property
     def prompt(self) -> list[Message]:
@@ -75,7 +80,9 @@ def to_conversation(record: dict[str, Any], where: str) -> Conversation:
         raise DataError(f"{where}: the conversation has no assistant turn to learn from")
     check_renders(messages, record.get("tools"), where, "messages")
     answer = record.get("answer")
-    return Conversation(messages, record.get("tools"), None if answer is None else str(answer), record.get("family"))
+    answer = None if answer is None else str(answer)
+    extras = {key: record[key] for key in ("turns", "needed_calls", "standalone") if key in record}
+    return Conversation(messages, record.get("tools"), answer, record.get("family"), **extras)
 
 
 def read_conversations(path: str) -> list[Conversation]:

@@ -85,8 +85,13 @@ def builtin_prompts(split: str, n: int, seed: int) -> list[Prompt]:
     """User turns of the built-in instruction set (no tool use): train split for rollouts, val for evaluation."""
     from stagelm.data import world
 
-    families = {f: w for f, w in world.INSTRUCTION_MIX.items() if f != "tool"}
-    records = world.instruction_examples(split, n, seed=seed, families=families)
+    families = {f: w for f, w in world.INSTRUCTION_MIX.items() if f not in ("tool", "convert", "two_calls")}
+    # one question each, asked alone (a conversation's last question spelled out), no system prompt, no tools
+    records = []
+    for r in world.instruction_examples(split, 2 * n, seed=seed, families=families):
+        messages = r.get("standalone", r["messages"])
+        if messages[0]["role"] == "user" and len(records) < n:
+            records.append({**{k: v for k, v in r.items() if k != "tools"}, "messages": messages})
     return [to_prompt(r, f"builtin {split} #{i}") for i, r in enumerate(records)]
 
 

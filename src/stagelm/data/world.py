@@ -43,11 +43,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stagelm.tools import CALCULATOR_SCHEMA, evaluate_arithmetic
+from stagelm.chat import render as render_chat
+from stagelm.tokenizer import SPECIAL_TOKENS
+from stagelm.tools import CALCULATOR_SCHEMA, CONVERTER_SCHEMA, UNIT_FACTORS, evaluate_arithmetic
+from stagelm.tools import convert as convert_units
 
 VAL_FRACTION = 0.1
 SPLITS = ("train", "val")
-INSTRUCTION_FAMILIES = ("add", "sub", "words", "word_problem", "multi_step", "format", "tool")
+# "tool_error" is not drawn on its own: it is a conversion whose units do not convert (TOOL_ERROR_RATE of them)
+INSTRUCTION_FAMILIES = (
+    "add", "sub", "words", "word_problem", "multi_step", "format", "tool", "convert", "two_calls", "tool_error",
+)  # fmt: skip
 PREFERENCE_RULES = ("correct", "concise", "well_formed")
 STYLES = ("canonical", "verbose", "chatty", "terse", "bad_format", "wrong")
 
@@ -61,6 +67,8 @@ INSTRUCTION_MIX = {
     "multi_step": 0.2,
     "format": 0.08,
     "tool": 0.12,
+    "convert": 0.06,
+    "two_calls": 0.04,
 }
 PREFERENCE_MIX = {"add": 0.2, "sub": 0.2, "words": 0.12, "word_problem": 0.12, "multi_step": 0.24, "format": 0.12}
 
@@ -74,7 +82,8 @@ PREFERENCE_MIX = {"add": 0.2, "sub": 0.2, "words": 0.12, "word_problem": 0.12, "
 STYLE_MIX: dict[str, dict[str, float]] = {
     "short": {"canonical": 0.3, "chatty": 0.5, "verbose": 0.08, "bad_format": 0.07, "wrong": 0.05},
     "worked": {"canonical": 0.4, "terse": 0.45, "verbose": 0.05, "bad_format": 0.05, "wrong": 0.05},
-    "tool": {"canonical": 0.7, "verbose": 0.16, "bad_format": 0.09, "wrong": 0.05},
+    # no "wrong": a reply that contradicts the calculator's result in context is not a habit to teach
+    "tool": {"canonical": 0.75, "verbose": 0.16, "bad_format": 0.09},
 }
 _STYLE_GROUP = {
     "add": "short",
@@ -87,8 +96,21 @@ _STYLE_GROUP = {
 }
 CHATTY_OPENER = "Sure, happy to help with that!"
 
+# Conversations (see "Conversations" below). Tools are in context for TOOL_OFFER_RATE of the conversations that
+# need none, so "tools present" never means "call one"; the assistant calls only where the world says so.
+TURNS_MIX = {1: 0.6, 2: 0.25, 3: 0.1, 4: 0.05}
+FOLLOW_UP_RATE = 0.6  # a later turn refers back to the one before ("And 35?", "Now subtract 7 from that.")
+TOOL_OFFER_RATE = 0.6
+TOOL_ERROR_RATE = 0.1  # of conversions: units that do not convert, reported honestly
+SYSTEM_PROMPTS = {"words": "Answer in words.", "number": "Reply with the number only."}
+SYSTEM_MIX = {None: 0.8, "words": 0.1, "number": 0.1}
+_SYSTEM_FAMILIES = {"words": ("add", "sub"), "number": ("add", "sub", "tool", "convert")}
+# rendered with its tools, a conversation stays within SFT's max_length (conf/data/instruct.yaml)
+MAX_CONVERSATION_TOKENS = 300
+
 # One binary operation of a solution: (left, op, right, result), written "left op right = result".
 Step = tuple[int, str, int, int]
+_SPECIAL_TOKEN_RX = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
 _OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,6 +280,8 @@ def _rng(seed: int, *tags: str) -> random.Random:
 
 # One implementation, shared with chat: the tool a conversation calls is the one the data was made with.
 CALCULATOR_TOOL: dict[str, Any] = CALCULATOR_SCHEMA
+CONVERTER_TOOL: dict[str, Any] = CONVERTER_SCHEMA
+BUILTIN_TOOLS = [CALCULATOR_TOOL, CONVERTER_TOOL]
 calculator = evaluate_arithmetic
 
 
@@ -809,6 +833,297 @@ def judge(prompt: str | Sequence[Mapping[str, Any]] | Mapping[str, Any], reply: 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Conversations: several user turns, tools offered far more often than needed, and the world's tool decision
+
+
+def needs_calculator(a: int, op: str, b: int) -> bool:
+    """The world's rule for what a model does in its head: + and - on numbers below 100, * inside the 12 x 12
+    table (what the corpus teaches as facts). Anything bigger is the calculator's job."""
+    if op == "*":
+        return max(a, b) > 12
+    return max(a, b) >= 100
+
+
+def _convert_split(value: int, from_unit: str, to_unit: str) -> str:
+    return "val" if _is_val_key(f"u{value}{from_unit}>{to_unit}") else "train"
+
+
+def _rendered_tokens(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """Length of a conversation as the chat format renders it, one token a character (the char tokenizer's count;
+    a BPE tokenizer needs fewer), each special token one."""
+    return len(_SPECIAL_TOKEN_RX.sub("#", render_chat(messages, tools=tools)))
+
+
+@dataclass
+class _Turn:
+    """One user question and everything the assistant does for it: tool calls, their results, the reply."""
+
+    family: str
+    prompt: str
+    standalone: str  # the same question asked alone (the prompt itself unless it refers back)
+    reply: str
+    answer: str | None  # None: no answer to check by number or words (an honest "the tool failed" reply)
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (tool name, arguments), in order
+    results: list[str] = field(default_factory=list)
+    problem: _Problem | None = None  # for the reply styles
+    value: int | None = None  # the number "that" refers to in a follow-up
+    again: Callable[[random.Random], tuple[int, _Turn] | None] | None = None  # the same question for another number
+    style: str = "canonical"
+
+
+def _mode_reply(mode: str | None, step: Step, canonical: str) -> str:
+    if mode == "words":
+        return f"{number_to_words(step[3])}."
+    if mode == "number":
+        return f"{step[3]}."
+    return canonical
+
+
+def _mode_answer(mode: str | None, value: int) -> str:
+    return number_to_words(value) if mode == "words" else str(value)
+
+
+def _arith_turn(rng: random.Random, split: str, mode: str | None, p: _Problem) -> _Turn | None:
+    """A one-operation question (add, sub, tool), with a calculator call where the world says it is needed."""
+    step = p.steps[0]
+    x, op, y, result = step
+    if mode == "words" and (needs_calculator(x, op, y) or (split == "train" and _words_split(result) != "train")):
+        return None  # a train reply never spells a held-out number
+    tool = needs_calculator(x, op, y)
+    if tool and p.family != "tool":  # a follow-up such as "Multiply that by 8." on a two-digit answer
+        p = replace(p, family="tool")
+    turn = _Turn(
+        "tool" if tool else p.family,
+        p.prompt,
+        p.prompt,
+        _mode_reply(mode, step, _canonical(p)),
+        _mode_answer(mode, result),
+        calls=[("calculator", {"expression": f"{x} {op} {y}"})] if tool else [],
+        results=[str(result)] if tool else [],
+        problem=p if mode is None else None,
+        value=result,
+    )
+
+    def again(rng: random.Random) -> tuple[int, _Turn] | None:
+        for _ in range(20):  # the other operand, of the same size, from the same split
+            lo, hi = (10, 99) if y < 100 else (10 ** (len(str(y)) - 1), 10 ** len(str(y)) - 1)
+            hi = min(hi, x) if op == "-" else hi
+            if hi < lo:
+                return None
+            other = rng.randint(lo, hi)
+            if other != y and split_of(x, op, other) == split:
+                question = f"What is {x} {op} {other}?"
+                new = _arith_turn(
+                    rng, split, mode, _number_problem(p.family, question, [(x, op, other, _OPS[op](x, other))], False)
+                )
+                if new is not None:
+                    return other, new
+        return None
+
+    turn.again = again
+    return turn
+
+
+def _words_turn(rng: random.Random, split: str, p: _Problem) -> _Turn:
+    turn = _Turn("words", p.prompt, p.prompt, _canonical(p), p.answer, problem=p)
+    digits = max(2, len(str(p.value)))  # the pools: words2 (0..99), words3, words4
+
+    def again(rng: random.Random) -> tuple[int, _Turn] | None:
+        other = _pick(rng, _pools()[f"words{digits}"][split])
+        return other, _words_turn(rng, split, _words_problem(rng, other))
+
+    turn.again = again
+    return turn
+
+
+CONVERT_PHRASINGS = ["Convert {v} {f} to {t}.", "How many {t} are in {v} {f}?", "What is {v} {f} in {t}?"]
+_UNITS = sorted({unit for pair in UNIT_FACTORS for unit in pair})
+
+
+def _convert_turn(rng: random.Random, split: str, mode: str | None, error_rate: float = 0.0) -> _Turn:
+    """A unit conversion: always the converter's job. With ``error_rate``, units that do not convert: the tool
+    says so and the assistant reports it honestly instead of inventing a number."""
+    from_unit, to_unit = _pick(rng, list(UNIT_FACTORS))
+    if rng.random() < error_rate:
+        to_unit = rng.choice(
+            [u for u in _UNITS if u != from_unit and convert_units(6000, from_unit, u).startswith("error")]
+        )
+    while True:
+        value = rng.randint(2, 999)
+        if _convert_split(value, from_unit, to_unit) == split:
+            break
+    return _convert_turn_for(rng, split, mode, value, from_unit, to_unit)
+
+
+def _convert_turn_for(
+    rng: random.Random, split: str, mode: str | None, value: int, from_unit: str, to_unit: str
+) -> _Turn:
+    prompt = rng.choice(CONVERT_PHRASINGS).format(v=value, f=from_unit, t=to_unit)
+    args = {"value": value, "from_unit": from_unit, "to_unit": to_unit}
+    result = convert_units(value, from_unit, to_unit)
+    if result.startswith("error"):
+        reply = f"The convert tool could not do it ({result.removeprefix('error: ')}), so I have no answer."
+        return _Turn("tool_error", prompt, prompt, reply, None, calls=[("convert", args)], results=[result])
+    converted = int(result)
+    canonical = f"{value} {from_unit} = {converted} {to_unit}."
+    reply = f"{converted}." if mode == "number" else canonical
+    turn = _Turn("convert", prompt, prompt, reply, str(converted), [("convert", args)], [result], value=converted)
+
+    def again(rng: random.Random) -> tuple[int, _Turn] | None:
+        for _ in range(20):
+            other = rng.randint(2, 999)
+            if other != value and _convert_split(other, from_unit, to_unit) == split:
+                new = _convert_turn_for(rng, split, mode, other, from_unit, to_unit)
+                new.prompt = new.standalone = f"Convert {other} {from_unit} to {to_unit}."
+                return other, new
+        return None
+
+    turn.again = again
+    return turn
+
+
+def _two_calls_turn(rng: random.Random, split: str) -> _Turn:
+    """Two questions in one message, each needing a tool: both calls in one assistant turn, both results used."""
+    parts = []
+    for _ in range(2):
+        if rng.random() < 0.5:
+            parts.append(_convert_turn(rng, split, None))
+        else:
+            parts.append(_arith_turn(rng, split, None, _arith_problem(rng, "tool", *_tool_item(rng, split))))
+    first, second = parts
+    prompt = f"{first.prompt} {second.prompt}"
+    reply = " ".join(_canonical(t.problem) if t.problem else t.reply for t in parts)
+    return _Turn(
+        "two_calls", prompt, prompt, reply, second.answer, first.calls + second.calls, first.results + second.results
+    )
+
+
+_AGAIN_PHRASINGS = ["And {n}?", "What about {n}?", "And for {n}?"]
+_THAT_PHRASINGS = {
+    "+": ["Now add {n} to that.", "Add {n} to that."],
+    "-": ["Now subtract {n} from that.", "Take away {n} from that."],
+    "*": ["Now multiply that by {n}.", "Multiply that by {n}."],
+}
+
+
+def _follow_up(rng: random.Random, split: str, mode: str | None, before: _Turn) -> _Turn | None:
+    """A question that refers back to the turn before: the same question for another number ("And 35?"), or an
+    operation on its answer ("Now subtract 7 from that."); None when the turn before allows neither."""
+    if before.again is not None and rng.random() < 0.5:
+        made = before.again(rng)
+        if made is not None:
+            n, turn = made
+            turn.prompt = rng.choice(_AGAIN_PHRASINGS).format(n=n)
+            return turn
+    value = before.value
+    if value is None:
+        return None
+    ops = ["+"] + (["-"] if value >= 4 else []) + (["*"] if mode != "words" and value > 12 else [])
+    op = rng.choice(ops)
+    for _ in range(20):
+        n = rng.randint(2, 9) if op == "*" else rng.randint(2, 50 if op == "+" else min(50, value - 1))
+        if n >= 2 and (op != "-" or n < value) and split_of(value, op, n) == split:
+            break
+    else:
+        return None
+    standalone = f"What is {value} {op} {n}?"
+    turn = _arith_turn(
+        rng,
+        split,
+        mode,
+        _number_problem("add" if op == "+" else "sub", standalone, [(value, op, n, _OPS[op](value, n))], False),
+    )
+    if turn is None:
+        return None
+    turn.prompt = rng.choice(_THAT_PHRASINGS[op]).format(n=n)
+    return turn
+
+
+def _fresh_turn(rng: random.Random, split: str, mode: str | None, family: str) -> _Turn | None:
+    if family == "convert":
+        return _convert_turn(rng, split, mode, error_rate=TOOL_ERROR_RATE)
+    if family == "two_calls":
+        return _two_calls_turn(rng, split)
+    p = _make_problem(rng, family, split)
+    if family in ("add", "sub", "tool"):
+        return _arith_turn(rng, split, mode, p)
+    if family == "words":
+        return _words_turn(rng, split, p)
+    value = int(p.answer) if p.kind == "number" else None
+    return _Turn(family, p.prompt, p.prompt, _canonical(p), p.answer, problem=p, value=value)
+
+
+def _turn_messages(turn: _Turn, prompt: str, first_call: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
+    if turn.calls:
+        ids = [f"call_{first_call + i}" for i in range(len(turn.calls))]
+        calls = [
+            {"id": i, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+            for i, (name, args) in zip(ids, turn.calls)
+        ]
+        messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        messages += [{"role": "tool", "tool_call_id": i, "content": r} for i, r in zip(ids, turn.results)]
+    messages.append({"role": "assistant", "content": turn.reply})
+    return messages
+
+
+def _conversation(
+    rng: random.Random, split: str, mix: Mapping[str, float], quality: float | None, wrong_rate: float
+) -> dict[str, Any]:
+    n_turns = rng.choices(list(TURNS_MIX), weights=list(TURNS_MIX.values()))[0]
+    mode = rng.choices(list(SYSTEM_MIX), weights=list(SYSTEM_MIX.values()))[0]
+    turn_mix = {f: w for f, w in mix.items() if mode is None or f in _SYSTEM_FAMILIES[mode]}
+    if not turn_mix:
+        mode, turn_mix = None, dict(mix)
+    names, weights = list(turn_mix), list(turn_mix.values())
+    # the tools are drawn first (a conversation that needs one always gets them), so the length budget counts
+    # their description
+    offered = rng.random() < TOOL_OFFER_RATE
+    tools = list(BUILTIN_TOOLS) if rng.random() < 0.75 else [CALCULATOR_TOOL]
+    system = [{"role": "system", "content": SYSTEM_PROMPTS[mode]}] if mode else []
+    turns: list[_Turn] = []
+    messages = list(system)
+    while len(turns) < n_turns:
+        turn = None
+        if turns and rng.random() < FOLLOW_UP_RATE:
+            turn = _follow_up(rng, split, mode, turns[-1])
+            if turn is not None and turn.family not in mix:  # "Multiply that by 8." needs a tool: not in a subset
+                turn = None
+        while turn is None:
+            turn = _fresh_turn(rng, split, mode, rng.choices(names, weights=weights)[0])
+        needs_converter = any(name == "convert" for name, _ in turn.calls)
+        turn_tools = list(BUILTIN_TOOLS) if needs_converter else tools
+        first_call = sum(1 for m in messages for _ in m.get("tool_calls", []))
+        longer = messages + _turn_messages(turn, turn.prompt, first_call)
+        turn_offered = offered or bool(turn.calls)
+        if turns and _rendered_tokens(longer, turn_tools if turn_offered else None) > MAX_CONVERSATION_TOKENS:
+            break  # a shorter conversation rather than one cut off in the middle
+        turns.append(turn)
+        messages, tools, offered = longer, turn_tools, turn_offered
+    last = turns[-1]
+    tools = tools if offered else None
+    if last.problem is not None:  # the last reply takes its family's style mix; earlier ones are canonical
+        style = _pick_style(rng, last.problem.family, quality, wrong_rate)
+        if last.calls and style == "wrong":
+            style = "canonical"  # a reply that contradicts the tool's result is no habit to teach
+        last.style, last.reply = style, _styled_reply(last.problem, style, rng, split)
+        messages[-1] = {"role": "assistant", "content": last.reply}
+    record: dict[str, Any] = {
+        "messages": messages,
+        "answer": last.answer,
+        "family": last.family,
+        "style": last.style,
+        "turns": len(turns),
+        "needed_calls": [{"name": name, "arguments": args} for name, args in last.calls],
+    }
+    if len(turns) > 1:
+        record["standalone"] = system + _turn_messages(last, last.standalone, 0)
+    if tools:
+        record["tools"] = tools
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public generators
 
 
@@ -860,12 +1175,16 @@ def instruction_examples(
     families: Sequence[str] | Mapping[str, float] | None = None,
     wrong_rate: float = 0.05,
 ) -> list[dict[str, Any]]:
-    """Chat records for SFT: ``{"messages", "answer", "family", "style"}`` (+ ``"tools"`` for tool use).
+    """Chat records for SFT: ``{"messages", "answer", "family", "style", "turns", "needed_calls", "standalone"}``,
+    plus ``"tools"`` where tools are offered (see "Conversations" above: multi-turn, tool decisions).
 
-    ``quality=None`` draws each reply's style from its family's ``STYLE_MIX``. A number instead makes that the
+    ``answer``, ``family``, ``style`` and ``needed_calls`` describe the last user turn, the one evaluation asks;
+    ``standalone`` is that question asked alone (the same system prompt and tools) as a full record's messages.
+    ``quality=None`` draws the last reply's style from its family's ``STYLE_MIX``. A number instead makes that the
     fraction of canonical replies for every family; of the rest, ``wrong_rate`` (of all) are wrong and the others
-    correct but verbose or badly formatted. The val split is always canonical, so evaluation is clean.
-    ``families`` picks a subset (names) or a mixture (name -> weight) of ``INSTRUCTION_FAMILIES``.
+    correct but verbose or badly formatted. Earlier turns are canonical, and the val split is always canonical, so
+    evaluation is clean. ``families`` picks a subset (names) or a mixture (name -> weight) of
+    ``INSTRUCTION_FAMILIES``.
     """
     _check_split(split)
     if quality is not None and not 0.0 <= quality <= 1.0:
@@ -873,23 +1192,16 @@ def instruction_examples(
     if split == "val":
         quality, wrong_rate = 1.0, 0.0
     rng = _rng(seed, "instructions", split)
+    mix = _mixture(families, INSTRUCTION_MIX)
     records = []
-    for p in _unique_problems(rng, _mixture(families, INSTRUCTION_MIX), split, n):
-        style = _pick_style(rng, p.family, quality, wrong_rate)
-        reply = _styled_reply(p, style, rng, split)
-        messages: list[dict[str, Any]] = [{"role": "user", "content": p.prompt}]
-        if p.family == "tool":
-            x, op, y, result = p.steps[0]
-            arguments = json.dumps({"expression": f"{x} {op} {y}"})
-            call = {"id": "call_0", "type": "function", "function": {"name": "calculator", "arguments": arguments}}
-            messages += [
-                {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_0", "content": str(result)},
-            ]
-        messages.append({"role": "assistant", "content": reply})
-        record: dict[str, Any] = {"messages": messages, "answer": p.answer, "family": p.family, "style": style}
-        if p.family == "tool":
-            record["tools"] = [CALCULATOR_TOOL]
+    seen: set[str] = set()
+    while len(records) < n:
+        for _ in range(10):  # avoid repeated conversations while the pools allow it
+            record = _conversation(rng, split, mix, quality, wrong_rate)
+            key = json.dumps(record["messages"])
+            if key not in seen:
+                break
+        seen.add(key)
         records.append(record)
     return records
 

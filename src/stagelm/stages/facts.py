@@ -19,7 +19,17 @@ class StageFacts:
 STAGES: dict[str, StageFacts] = {
     "pretrain": StageFacts((), (("val/loss", "min"), ("val/bpc", "min")), ("val/loss", "min")),
     "sft": StageFacts(
-        ("pretrain",), (("val/exact_match", "max"), ("val/format_ok", "max")), ("val/exact_match", "max")
+        ("pretrain",),
+        (
+            ("val/exact_match", "max"),
+            ("val/format_ok", "max"),
+            ("val/tool_decision", "max"),
+            ("val/tool_args_exact", "max"),
+            ("val/tool_result_used", "max"),
+            ("val/exact_match_turn2plus", "max"),
+            ("val/exact_match_turn2plus_alone", "max"),
+        ),
+        ("val/exact_match", "max"),
     ),
     "reward": StageFacts(("sft",), (("val/accuracy", "max"), ("val/margin", "max")), ("val/accuracy", "max")),
     "ppo": StageFacts(

@@ -2,8 +2,9 @@
 (prompt, system, user and tool tokens are masked), starting from a pre-trained checkpoint.
 
 Logs `train/loss`, `val/loss` (assistant tokens only), and by greedy generation on held-out prompts
-`val/exact_match` (the final answer is right), `val/format_ok` (well formed, ends with `<|end|>`), with a table
-of sample conversations."""
+`val/exact_match` (the final answer is right), `val/format_ok` (well formed, ends with `<|end|>`), the tool and
+multi-turn metrics of `stagelm.chat_metrics` (`val/tool_decision`, `val/tool_args_exact`, `val/tool_result_used`,
+`val/exact_match_turn2plus`), with a table of sample conversations."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from stagelm.chat_metrics import chat_behaviour_metrics
 from stagelm.data.instruct import IGNORE_INDEX
 from stagelm.evaluation import answer_correct, format_ok, generate_replies
 from stagelm.stages.base import StageModule
@@ -84,6 +86,9 @@ class SFTModule(StageModule):
                 by_family[conv.family].append(ok)
         for family, oks in by_family.items():
             metrics[f"val/exact_match_{family}"] = sum(oks) / len(oks)
+        metrics |= chat_behaviour_metrics(
+            self.model, self.tokenizer, conversations, replies, self.eval_max_new_tokens, self.eval_batch_size
+        )
         rows = [
             [c.prompt[-1].get("content", ""), r, c.reference, ok]
             for c, r, ok in list(zip(conversations, replies, correct))[: self.sample_rows]
