@@ -43,7 +43,8 @@ def stage_summary(stage_dir: Path, stage: str) -> dict[str, Any]:
     metrics_file = stage_dir / "metrics.json"
     summary = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"before": {}, "after": {}}
     headline = {}
-    for metric, _ in _headlines(stage):
+    reported = _headlines(stage) + (STAGES[stage].also_reported if stage in STAGES else ())
+    for metric, _ in reported:
         before, after = summary["before"].get(metric), summary["after"].get(metric)
         if before is not None or after is not None:
             headline[metric] = {"before": before, "after": after}
