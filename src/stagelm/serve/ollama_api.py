@@ -33,20 +33,12 @@ from stagelm.serve.schemas import (
     OllamaModelDetails,
     OllamaOptions,
     OllamaTags,
+    error_responses,
 )
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": OllamaErrorResponse, "description": description}
-    for status, description in {
-        400: "Invalid request",
-        401: "Missing or wrong API key",
-        404: "Unknown model",
-        429: "Queue full; see Retry-After",
-        500: "Generation failed",
-    }.items()
-}
+ERRORS = error_responses(OllamaErrorResponse)
 NDJSON = {"application/x-ndjson": {"schema": {"type": "string"}}}
 
 

@@ -32,20 +32,12 @@ from stagelm.serve.schemas import (
     ModelCard,
     ModelList,
     NamedToolChoice,
+    error_responses,
 )
 
 router = APIRouter()
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Invalid request",
-        401: "Missing or wrong API key",
-        404: "Unknown model",
-        429: "Queue full; see Retry-After",
-        500: "Generation failed",
-    }.items()
-}
+ERRORS = error_responses(ErrorResponse)
 STREAMED = {"text/event-stream": {"schema": {"type": "string"}, "example": "data: {...}\n\ndata: [DONE]\n\n"}}
 
 

@@ -46,6 +46,20 @@ class FunctionCall(Lenient):
     arguments: str | dict[str, Any] = "{}"
 
 
+def error_responses(error_model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The documented error statuses of every generating route (for `/openapi.json`), in one API's error shape."""
+    return {
+        status: {"model": error_model, "description": description}
+        for status, description in {
+            400: "Invalid request",
+            401: "Missing or wrong API key",
+            404: "Unknown model",
+            429: "Queue full; see Retry-After",
+            500: "Generation failed",
+        }.items()
+    }
+
+
 class ToolCall(Lenient):
     id: str | None = None
     type: Literal["function"] = "function"
