@@ -122,15 +122,17 @@ class MoE(nn.Module):
         tokens = x.reshape(N, D)  # [N, D]
         logits = self.router(tokens)  # [N, E]
         experts, scores, probs = self._route(logits)  # [N, k], [N, k], [N, E] or None
-        if torch.compiler.is_compiling() and N * self.n_experts <= COMPILED_ALL_EXPERTS_MAX_PAIRS:
+        all_experts = torch.compiler.is_compiling() and N * self.n_experts <= COMPILED_ALL_EXPERTS_MAX_PAIRS
+        # assignments per expert: the sorted dispatch's group ends and the load statistic, counted once
+        counts = self._expert_counts(experts.reshape(-1)) if with_stats or not all_experts else None  # [E]
+        if all_experts:
             out = self._all_experts(tokens, experts, scores)  # [N, D]
         else:
-            out = self._routed_experts(tokens, experts, scores)  # [N, D]
+            out = self._routed_experts(tokens, experts, scores, counts)  # [N, D]
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         if not with_stats:
             return out.view(B, T, D), None
-        counts = self._expert_counts(experts.reshape(-1))  # [E]
         return out.view(B, T, D), self.router_stats(logits, counts, probs)
 
     def _expert_counts(self, flat_experts: torch.Tensor) -> torch.Tensor:
@@ -140,15 +142,18 @@ class MoE(nn.Module):
             return torch.zeros(self.n_experts, dtype=torch.long, device=ones.device).scatter_add_(0, flat_experts, ones)
         return torch.bincount(flat_experts, minlength=self.n_experts)
 
-    def _routed_experts(self, tokens: torch.Tensor, experts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Routed experts' output [N, D]: each expert runs one matmul over exactly the tokens routed to it."""
+    def _routed_experts(
+        self, tokens: torch.Tensor, experts: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Routed experts' output [N, D]: each expert runs one matmul over exactly the tokens routed to it.
+        counts [E]: assignments per expert."""
         N, D = tokens.shape
         k = self.top_k
         # Sort the N*k (token, expert) assignments by expert; compute follows top_k, not n_experts.
         flat_experts = experts.reshape(-1)  # [N*k]
         order = torch.argsort(flat_experts, stable=True)  # [N*k]
         token_index = order // k if k > 1 else order  # [N*k] source token of each sorted assignment
-        ends = self._expert_counts(flat_experts).cumsum(0).to(torch.int32)  # [E]
+        ends = counts.cumsum(0).to(torch.int32)  # [E]
 
         routed_in = tokens.index_select(0, token_index)  # [N*k, D]
         if self.router_kind == "sigmoid":
