@@ -95,8 +95,11 @@ class MoE(nn.Module):
         self.lb_loss_coef, self.z_loss_coef = config.lb_loss_coef, config.z_loss_coef
         self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
         # Stored as Llama 4 stores them, so x @ W needs no transpose: gate and up side by side, then down.
-        self.gate_up_proj = nn.Parameter(torch.empty(config.n_experts, config.d_model, 2 * config.d_ff))
-        self.down_proj = nn.Parameter(torch.empty(config.n_experts, config.d_ff, config.d_model))
+        # Zeros, not torch.empty: the Transformer initializes them (reset_parameters), and a stand-alone MoE must
+        # never compute with whatever memory held (NaNs made a gradient test flaky); zeros draw no random numbers,
+        # so a seed gives the same model as before.
+        self.gate_up_proj = nn.Parameter(torch.zeros(config.n_experts, config.d_model, 2 * config.d_ff))
+        self.down_proj = nn.Parameter(torch.zeros(config.n_experts, config.d_ff, config.d_model))
         self.shared_expert = SwiGLU(config.d_model, config.d_ff) if config.shared_expert else None
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
