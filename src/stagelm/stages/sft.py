@@ -41,7 +41,10 @@ class SFTModule(StageModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.forward_model(batch["input_ids"])
+        # packed rows carry their own mask and positions (each conversation sees only itself)
+        out = self.forward_model(
+            batch["input_ids"], attention_mask=batch.get("attention_mask"), positions=batch.get("positions")
+        )
         loss = self.assistant_loss(out.logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/aux_loss", out.aux_loss)
