@@ -160,9 +160,28 @@ def sft_eval_settings(out_dir: Path) -> tuple[Any, dict[str, Any]] | None:
     return datamodule.eval_set(), settings
 
 
+def final_validation_items(stage_dir: Path) -> dict[str, list[float]] | None:
+    """SFT's exact match per held-out conversation ("all", and per family) from its own last validation, when that
+    validation scored the final weights (it ran at the last step): the scorecard's SFT column without generating
+    the same replies again. None otherwise."""
+    metrics_file = stage_dir / "metrics.json"
+    summary = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    items = summary.get("after_items", {})
+    if "val/exact_match" not in items:
+        return None
+    steps = [row["step"] for row in read_history(stage_dir / "history.jsonl") if "val/exact_match" in row]
+    if not steps or steps[-1] != summary.get("global_step"):
+        return None
+    prefix = "val/exact_match_"
+    return {"all": items["val/exact_match"]} | {
+        k.removeprefix(prefix): v for k, v in items.items() if k.startswith(prefix)
+    }
+
+
 def scorecard_items(out_dir: Path, stages: list[str]) -> dict[str, dict[str, list[float]]]:
     """Per chat stage from SFT on, its final checkpoint's exact match on each of SFT's held-out conversations,
-    overall ("all") and per task family, in the eval set's order (so stages compare item by item)."""
+    overall ("all") and per task family, in the eval set's order (so stages compare item by item). SFT's own last
+    validation gives its column when it scored the final weights."""
     from stagelm.checkpoint import load_checkpoint
     from stagelm.evaluation import answer_conversations, by_family
 
@@ -176,6 +195,9 @@ def scorecard_items(out_dir: Path, stages: list[str]) -> dict[str, dict[str, lis
     for stage in stages:
         ckpt = out_dir / stage / "checkpoints" / "last.ckpt"
         if stage not in SCORECARD_STAGES or not ckpt.exists():
+            continue
+        if stage == "sft" and (validated := final_validation_items(out_dir / stage)) is not None:
+            items[stage] = validated
             continue
         loaded = load_checkpoint(ckpt)
         _, correct = answer_conversations(

@@ -175,6 +175,14 @@ def test_the_report_scores_each_chat_stage_on_sfts_eval_set(tmp_path: Path) -> N
         assert len(values) == (12 if family == "all" else sum(c.family == family for c in expected))
     assert items["grpo"] == items["sft"]  # the same weights answer the same conversations the same way
 
+    # SFT's own last validation gives its column when it scored the final weights (it ran at the last step)
+    validated = {"val/exact_match": [1.0] * 12, "val/exact_match_add": [1.0] * 3}
+    write_metrics(tmp_path / "sft", {}, {}, after_items=validated)
+    (tmp_path / "sft" / "history.jsonl").write_text(json.dumps({"step": 3, "val/exact_match": 1.0}))
+    assert scorecard_items(tmp_path, ["sft"])["sft"] == {"all": [1.0] * 12, "add": [1.0] * 3}
+    (tmp_path / "sft" / "history.jsonl").write_text(json.dumps({"step": 2, "val/exact_match": 1.0}))
+    assert scorecard_items(tmp_path, ["sft"])["sft"] == items["sft"]  # an earlier validation: evaluated afresh
+
     report_path = write_report(tmp_path, ["sft", "reward", "grpo", "dpo"], ["What is 2 + 2?"], logger="none")
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["scorecard"]["stages"]) == ["sft", "grpo", "dpo"]
