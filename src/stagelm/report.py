@@ -24,12 +24,15 @@ and, where the stage recorded per-item values (runs before they did have none of
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
 from stagelm.intervals import Interval, difference_interval, mean_interval, verdict
 from stagelm.stages.facts import STAGES
+
+log = logging.getLogger("stagelm.report")
 
 CURVES = {  # plot file -> metrics drawn (whichever stages logged them)
     "loss.png": ["train/loss"],
@@ -152,12 +155,14 @@ def sft_eval_settings(out_dir: Path) -> tuple[Any, dict[str, Any]] | None:
     run_config = read_checkpoint(ckpt)["stagelm"].get("run_config") or {}
     if "data" not in run_config:
         return None
-    datamodule = instantiate(run_config["data"])
-    if not hasattr(datamodule, "eval_set"):
+    try:
+        conversations = instantiate(run_config["data"]).eval_set()
+    except Exception as e:  # noqa: BLE001 - e.g. SFT's data file moved since: the rest of the report still stands
+        log.warning("no scorecard: SFT's held-out conversations cannot be rebuilt (%s)", e)
         return None
     stage = run_config.get("stage", {})
     settings = {k: stage[k] for k in ("eval_max_new_tokens", "eval_batch_size") if k in stage}
-    return datamodule.eval_set(), settings
+    return conversations, settings
 
 
 def final_validation_items(stage_dir: Path) -> dict[str, list[float]] | None:
@@ -199,6 +204,7 @@ def scorecard_items(out_dir: Path, stages: list[str]) -> dict[str, dict[str, lis
         if stage == "sft" and (validated := final_validation_items(out_dir / stage)) is not None:
             items[stage] = validated
             continue
+        log.info("scorecard: %s answers SFT's %d held-out conversations", stage, len(conversations))
         loaded = load_checkpoint(ckpt)
         _, correct = answer_conversations(
             loaded.model,

@@ -188,3 +188,11 @@ def test_the_report_scores_each_chat_stage_on_sfts_eval_set(tmp_path: Path) -> N
     assert list(report["scorecard"]["stages"]) == ["sft", "grpo", "dpo"]
     assert report["scorecard"]["stages"]["grpo"]["all"]["vs_sft"]["interval"] == [0.0, 0.0]
     assert "## Held-out exact match per task family" in report_path.read_text()
+
+
+def test_no_scorecard_when_sfts_eval_set_cannot_be_rebuilt(tmp_path: Path) -> None:
+    data = {"_target_": "stagelm.data.instruct.InstructDataModule", "path": str(tmp_path / "moved.jsonl")}
+    save_tiny_chat_checkpoint(tmp_path / "sft" / "checkpoints" / "last.ckpt", "sft", 0, {"data": data})
+    assert scorecard_items(tmp_path, ["sft"]) == {}
+    save_tiny_chat_checkpoint(tmp_path / "sft" / "checkpoints" / "last.ckpt", "sft", 0, {})  # no config saved
+    assert scorecard_items(tmp_path, ["sft"]) == {}
