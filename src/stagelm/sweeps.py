@@ -1,7 +1,9 @@
-"""A summary at the end of a Hydra multirun (`-m`): one row per swept run with its overrides and final metrics,
-and, over the runs that differ only in their seed (`stagelm-pipeline -m seed=0,1,2`: all of them), each metric's
-mean and spread (standard deviation, min, max), so a figure is read next to its run-to-run variation. Printed and
-written to `<sweep dir>/summary.md`, `summary.json` (the rows) and `summary_across_runs.json` (the spreads)."""
+"""A summary at the end of a Hydra multirun (`-m`): one row per swept run with its overrides and final metrics
+(for a pipeline, also how many stages improved beyond their uncertainty, the verdicts of the others, and the task
+families where a later stage fell below SFT), and, over the runs that differ only in their seed
+(`stagelm-pipeline -m seed=0,1,2`: all of them), each metric's mean and spread (standard deviation, min, max), so
+a figure is read next to its run-to-run variation. Printed and written to `<sweep dir>/summary.md`,
+`summary.json` (the rows) and `summary_across_runs.json` (the spreads)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,15 @@ def job_row(job_dir: Path) -> dict[str, Any] | None:
     }
     if (job_dir / "report.json").exists():  # a pipeline
         report = json.loads((job_dir / "report.json").read_text())
+        # how many stages improved their first headline beyond its uncertainty, and how the others fared
+        judged = {stage: info["verdict"] for stage, info in report["stages"].items() if info.get("verdict")}
+        if judged:
+            missed = ", ".join(f"{stage}: {v}" for stage, v in judged.items() if v != "yes")
+            count = f"{sum(v == 'yes' for v in judged.values())}/{len(judged)}"
+            row["improved"] = f"{count} ({missed})" if missed else count
+        if report.get("scorecard"):  # the (stage, family) cases below SFT beyond the uncertainty
+            lower = report["scorecard"]["lower_than_sft"]
+            row["lower than sft"] = ", ".join(f"{c['stage']} {c['family']}" for c in lower) or "none"
         for stage, info in report["stages"].items():
             for metric, values in info["headline"].items():
                 row[f"{stage} {metric}"] = values["after"]

@@ -15,11 +15,16 @@ from stagelm.sweeps import SweepSummary, across_runs
 def fake_pipeline_run(job_dir: Path, overrides: list[str], sft: float, grpo: float) -> None:
     (job_dir / ".hydra").mkdir(parents=True)
     (job_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
-    headline = {
-        "sft": {"val/exact_match": {"before": 0.0, "after": sft}},
-        "grpo": {"val/accuracy": {"before": 0.2, "after": grpo}},
+    report = {
+        "stages": {
+            "sft": {"headline": {"val/exact_match": {"before": 0.0, "after": sft}}, "verdict": "yes"},
+            "grpo": {"headline": {"val/accuracy": {"before": 0.2, "after": grpo}}, "verdict": "yes"},
+        }
     }
-    report = {"stages": {stage: {"headline": h} for stage, h in headline.items()}}
+    if grpo < 0.4:
+        report["stages"]["grpo"]["verdict"] = "within noise"
+    lower = [{"stage": "grpo", "family": "add", "estimate": -0.3, "interval": [-0.5, -0.1]}] if grpo > 0.5 else []
+    report["scorecard"] = {"families": [], "stages": {}, "lower_than_sft": lower}
     (job_dir / "report.json").write_text(json.dumps(report))
 
 
@@ -36,7 +41,10 @@ def test_a_seed_sweep_shows_each_headlines_mean_and_spread(tmp_path: Path) -> No
     assert sft["mean"] == pytest.approx(0.6) and sft["std"] == pytest.approx(0.1)
     assert (sft["min"], sft["max"]) == (0.5, 0.7)
     assert grpo["mean"] == pytest.approx(0.4) and grpo["std"] == pytest.approx(0.1732, abs=1e-4)
-    assert len(json.loads((tmp_path / "summary.json").read_text())) == 3  # still one row per run
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert len(rows) == 3  # still one row per run, with the stages that improved beyond their uncertainty
+    assert [r["improved"] for r in rows] == ["1/2 (grpo: within noise)", "1/2 (grpo: within noise)", "2/2"]
+    assert [r["lower than sft"] for r in rows] == ["none", "none", "grpo add"]
     text = (tmp_path / "summary.md").read_text()
     assert "Across runs" in text
     assert "| (defaults) | sft val/exact_match | 0.6 | 0.1 | 0.5 | 0.7 | 3 |" in text
