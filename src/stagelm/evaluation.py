@@ -1,11 +1,13 @@
 """Answering held-out chat prompts by generation, and the checks every stage reports on the replies:
-is the final answer right (`exact_match`), is the reply well formed (`format_ok`)."""
+is the final answer right (`exact_match`), is the reply well formed (`format_ok`); per conversation and per task
+family, as SFT's validation and the report's scorecard count them."""
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +15,9 @@ from stagelm.chat import Message, parse_assistant, render
 from stagelm.model import Transformer
 from stagelm.rollout import generate_rollout
 from stagelm.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+if TYPE_CHECKING:
+    from stagelm.data.instruct import Conversation
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -89,3 +94,32 @@ def answer_correct(reply: str, answer: str | None, reference: str) -> bool:
         return last_number(content) == expected
     target = _normalise(str(answer))
     return bool(target) and _normalise(content).endswith(target)
+
+
+def answer_conversations(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    conversations: Sequence[Conversation],
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+) -> tuple[list[str], list[bool]]:
+    """Greedy replies to held-out conversations' prompts (their tools given), and whether each final answer is
+    right: SFT's `val/exact_match` per conversation, and the report's scorecard for every chat stage."""
+    replies = generate_replies(
+        model,
+        tokenizer,
+        [c.prompt for c in conversations],
+        [c.tools for c in conversations],
+        max_new_tokens,
+        batch_size,
+    )
+    return replies, [answer_correct(r, c.answer, c.reference) for r, c in zip(replies, conversations)]
+
+
+def by_family(families: Sequence[str | None], values: Sequence[float]) -> dict[str, list[float]]:
+    """Per-item values grouped by task family, in the items' order (items with no family are left out)."""
+    grouped: dict[str, list[float]] = defaultdict(list)
+    for family, value in zip(families, values):
+        if family:
+            grouped[family].append(float(value))
+    return dict(grouped)

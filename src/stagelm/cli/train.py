@@ -126,9 +126,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model_config.num_params(active_only=True) / 1e6,
     )
     before: dict[str, float] = {}
+    before_items: dict[str, list[float]] = {}
     if cfg.get("validate_before") and not ckpt_path:
         # the headline metrics of the starting point, for before/after reports
         before = _scalars(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+        before_items, module.val_items = module.val_items, {}
         for metric in module.modules():  # states written under inference mode cannot be updated in training
             if isinstance(metric, Metric):
                 metric.reset()
@@ -151,6 +153,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "stage": module.stage_name,
             "before": before,
             "after": metrics,
+            # per held-out item, the values whose means are the metrics above (same items, same order), for the
+            # report's intervals and paired comparisons
+            "before_items": before_items,
+            "after_items": module.val_items,
             "wall_time_s": time.perf_counter() - started,
             "tokens_seen": module.tokens_seen,
             "global_step": trainer.global_step,

@@ -257,10 +257,13 @@ class InstructDataModule(L.LightningDataModule):
         if self.hf_dataset:
             train = load_hf_conversations(self.hf_dataset, "train")
             return train, load_hf_conversations(self.hf_dataset, "test")
-        return (
-            builtin_conversations("train", self.builtin_train, self.seed, self.quality),
-            builtin_conversations("val", self.builtin_val, self.seed, 1.0),
-        )
+        return builtin_conversations("train", self.builtin_train, self.seed, self.quality), self.load_val()
+
+    def load_val(self) -> list[Conversation]:
+        """The held-out conversations alone (built-in data: without generating the training set)."""
+        if self.path or self.hf_dataset:
+            return self.load()[1]
+        return builtin_conversations("val", self.builtin_val, self.seed, 1.0)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_conversations:
@@ -287,7 +290,10 @@ class InstructDataModule(L.LightningDataModule):
         return encoded
 
     def eval_set(self) -> list[Conversation]:
-        """Held-out conversations whose prompts are answered by generation at validation."""
+        """Held-out conversations whose prompts are answered by generation at validation (loaded on their own when
+        the module was not set up: the pipeline report's scorecard rebuilds SFT's eval set from its config)."""
+        if not self.val_conversations:
+            self.val_conversations = self.load_val()
         return self.val_conversations[: self.eval_examples]
 
     def train_dataloader(self) -> DataLoader:

@@ -10,7 +10,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -117,6 +117,8 @@ class StageModule(L.LightningModule):
         self._step_started: float | None = None
         self.tokens_seen = 0  # training tokens over all processes, kept across resumes (checkpoint metadata)
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, saved in checkpoints
+        # the latest validation's per-item values behind its mean metrics (see record_items)
+        self.val_items: dict[str, list[float]] = {}
         if self.frozen:
             self.strict_loading = False  # checkpoints leave the frozen models out
 
@@ -210,6 +212,17 @@ class StageModule(L.LightningModule):
         if getattr(self, "_rng_to_restore", None):
             restore_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+
+    # --- per-item outcomes ----------------------------------------------------------------------------------------
+    def record_items(self, name: str, values: torch.Tensor | Sequence[float]) -> None:
+        """Keep the per-item values whose mean is the validation metric `name` (one per held-out conversation,
+        pair, prompt, problem or window, in the eval set's order), replacing the previous validation's: the CLI
+        writes them to metrics.json ("before_items", "after_items") and the report's intervals come from them.
+        The sanity check's partial validation is not kept."""
+        if self.trainer.sanity_checking:
+            return
+        flat = values.detach().float().flatten().tolist() if torch.is_tensor(values) else [float(v) for v in values]
+        self.val_items[name] = [round(v, 6) for v in flat]  # 6 digits: metrics.json stays small
 
     # --- sample tables --------------------------------------------------------------------------------------------
     def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:

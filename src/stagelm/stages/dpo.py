@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 
 from stagelm.chat import parse_assistant
 from stagelm.data import world
@@ -74,6 +74,7 @@ class DPOModule(StageModule):
         )
         self.ref_model = self.frozen_reference()
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_pair_margin, self.val_index = CatMetric(), CatMetric()  # per pair, for the report's intervals
         self._sft_replies: list[str] | None = None  # the reference's greedy replies to the eval prompts, once
 
     # --- log-probabilities ----------------------------------------------------------------------------------
@@ -142,6 +143,8 @@ class DPOModule(StageModule):
         self.val_loss.update(out.loss, weight=n)
         self.val_accuracy.update((out.margins > 0).float())
         self.val_margin.update(out.margins)
+        self.val_pair_margin.update(out.margins.detach())
+        self.val_index.update(batch["index"].float())
 
     def on_validation_epoch_end(self) -> None:
         metrics = {
@@ -149,7 +152,11 @@ class DPOModule(StageModule):
             "val/accuracy": self.val_accuracy.compute(),
             "val/margin": self.val_margin.compute(),
         }
-        for metric in (self.val_loss, self.val_accuracy, self.val_margin):
+        if self.val_index.update_count:
+            margins = self.val_pair_margin.compute()[self.val_index.compute().argsort()]  # the pairs' own order
+            self.record_items("val/accuracy", (margins > 0).float())
+            self.record_items("val/margin", margins)
+        for metric in (self.val_loss, self.val_accuracy, self.val_margin, self.val_pair_margin, self.val_index):
             metric.reset()
         judged, rows = self.evaluate()
         metrics.update(judged)
@@ -188,6 +195,8 @@ class DPOModule(StageModule):
         scores, sft = [j["score"] for j in judged], [j["score"] for j in judged_sft]
         wins = [win_score(s, b) for s, b in zip(scores, sft)]
         n = len(pairs)
+        self.record_items("val/win_rate_vs_sft", wins)
+        self.record_items("val/judge_score", scores)
         metrics = {
             "val/win_rate_vs_sft": sum(wins) / n,
             "val/judge_score": sum(scores) / n,

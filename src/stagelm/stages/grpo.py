@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 
 from stagelm.errors import ConfigError
 from stagelm.losses import GRPOLoss, group_advantages, grpo_loss, masked_mean
@@ -175,7 +175,8 @@ class GRPOModule(StageModule):
         self.ref_model: Transformer | None = None
         if beta > 0:
             self.ref_model = self.frozen_reference()
-        self.val_accuracy, self.val_pass_k, self.val_format = MeanMetric(), MeanMetric(), MeanMetric()
+        # per problem (their means are val/accuracy and val/pass@k): the report's intervals need the items
+        self.val_accuracy, self.val_pass_k, self.val_format = CatMetric(), CatMetric(), MeanMetric()
         self.val_length = MeanMetric()
         self.val_by_level = nn.ModuleDict()
         self._val_rows: list[list[Any]] = []
@@ -368,11 +369,15 @@ class GRPOModule(StageModule):
     def on_validation_epoch_end(self) -> None:
         if self.val_accuracy.update_count == 0:
             return
-        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=True)
+        correct = self.val_accuracy.compute().float()
+        self.record_items("val/accuracy", correct)
+        self.log("val/accuracy", correct.mean(), prog_bar=True, sync_dist=True)
         self.log("val/format", self.val_format.compute(), sync_dist=True)
         self.log("val/completion_len", self.val_length.compute(), sync_dist=True)
         if self.val_pass_k.update_count:
-            self.log("val/pass@k", self.val_pass_k.compute(), sync_dist=True)  # k is stage.pass_k
+            hits = self.val_pass_k.compute().float()
+            self.record_items("val/pass@k", hits)
+            self.log("val/pass@k", hits.mean(), sync_dist=True)  # k is stage.pass_k
         for key, metric in self.val_by_level.items():
             self.log(f"val/accuracy_{key}", metric.compute(), sync_dist=True)
             metric.reset()

@@ -178,8 +178,9 @@ class PPOModule(StageModule):
         self.val_metrics = nn.ModuleDict(
             {
                 mode: nn.ModuleDict(
-                    {"scores": CatMetric(), "scores_sft": CatMetric(), "kl": CatMetric()}
-                    | {name: MeanMetric() for name in ("win", "pref", "pref_sft", "length", "no_eos", "no_eos_sft")}
+                    # per prompt where the report's intervals need the items (scores, KL, wins), else a mean
+                    {name: CatMetric() for name in ("scores", "scores_sft", "kl", "win")}
+                    | {name: MeanMetric() for name in ("pref", "pref_sft", "length", "no_eos", "no_eos_sft")}
                 )
                 for mode in (("greedy", "sampled") if eval_sampled else ("greedy",))
             }
@@ -411,17 +412,22 @@ class PPOModule(StageModule):
             suffix = "" if mode == "greedy" else f"_{mode}"
             scores, sft = m["scores"].compute().float(), m["scores_sft"].compute().float()
             sft_std = sft.std() if sft.numel() > 1 else torch.ones(())
+            kl = m["kl"].compute().float()
             metrics = {
                 "val/rm_score": scores.mean(),
                 "val/rm_score_sft": sft.mean(),
                 "val/rm_score_gain_sd": (scores.mean() - sft.mean()) / sft_std.clamp_min(1e-6),
-                "val/kl": m["kl"].compute().float().mean(),
+                "val/kl": kl.mean(),
                 "val/reply_length": m["length"].compute(),
                 "val/no_eos_fraction": m["no_eos"].compute(),
                 "val/no_eos_fraction_sft": m["no_eos_sft"].compute(),
             }
+            self.record_items("val/rm_score" + suffix, scores)
+            self.record_items("val/kl" + suffix, kl)
             if m["win"].update_count:
-                metrics["val/win_rate_vs_sft"] = m["win"].compute()
+                wins = m["win"].compute().float()
+                self.record_items("val/win_rate_vs_sft" + suffix, wins)
+                metrics["val/win_rate_vs_sft"] = wins.mean()
                 metrics["val/true_preference"] = m["pref"].compute()
                 metrics["val/true_preference_sft"] = m["pref_sft"].compute()
             for name, value in metrics.items():

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 
 from stagelm.stages.base import StageModule
 
@@ -30,6 +30,7 @@ class PretrainModule(StageModule):
         self.sample_prompts = list(sample_prompts or [])
         self.sample_tokens, self.log_router_every = sample_tokens, log_router_every
         self.val_loss = MeanMetric()
+        self.val_window_loss = CatMetric()  # per validation window, for the report's intervals
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
@@ -54,7 +55,11 @@ class PretrainModule(StageModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         out = self.model(inputs)
-        self.val_loss.update(self.cross_entropy(out.logits, targets), weight=targets.numel())
+        per_token = F.cross_entropy(
+            out.logits.reshape(-1, out.logits.size(-1)).float(), targets.reshape(-1), reduction="none"
+        )
+        self.val_loss.update(per_token.mean(), weight=targets.numel())
+        self.val_window_loss.update(per_token.view(targets.shape).mean(-1))  # windows are all block_size long
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -62,6 +67,11 @@ class PretrainModule(StageModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         chars_per_token = getattr(self.trainer.datamodule, "val_chars_per_token", 1.0)
         self.log("val/bpc", loss / math.log(2) / chars_per_token, sync_dist=True)
+        if self.val_window_loss.update_count:
+            windows = self.val_window_loss.compute()
+            self.record_items("val/loss", windows)
+            self.record_items("val/bpc", windows / math.log(2) / chars_per_token)
+        self.val_window_loss.reset()
         if self.sample_prompts and not self.trainer.sanity_checking:
             self.log_samples("val/samples", ["prompt", "completion"], self.sample_completions())
 

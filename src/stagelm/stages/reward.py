@@ -42,6 +42,7 @@ class RewardModule(StageModule):
         self.assistant_id = self.tokenizer.token_id(ASSISTANT)
         self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric()
         self.val_rewards, self.val_correct, self.val_index = CatMetric(), CatMetric(), CatMetric()
+        self.val_gap = CatMetric()  # r_chosen - r_rejected per pair, for the report's intervals
 
     def pair_rewards(
         self, batch: dict[str, torch.Tensor], model: torch.nn.Module
@@ -75,9 +76,13 @@ class RewardModule(StageModule):
         self.val_rewards.update(torch.cat([r_chosen, r_rejected]))
         self.val_correct.update((gap > 0).float())
         self.val_index.update(batch["index"].float())
+        self.val_gap.update(gap)
 
     def on_validation_epoch_end(self) -> None:
         rewards = self.val_rewards.compute()
+        order = self.val_index.compute().argsort()  # the held-out pairs' own order, however processes split them
+        self.record_items("val/accuracy", self.val_correct.compute()[order])
+        self.record_items("val/margin", self.val_gap.compute()[order])
         metrics = {
             "val/accuracy": self.val_accuracy.compute(),
             "val/margin": self.val_margin.compute(),
@@ -87,7 +92,14 @@ class RewardModule(StageModule):
         metrics.update(self.accuracy_by_rule(self.val_index.compute(), self.val_correct.compute()))
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name == "val/accuracy", sync_dist=True)
-        for metric in (self.val_accuracy, self.val_margin, self.val_rewards, self.val_correct, self.val_index):
+        for metric in (
+            self.val_accuracy,
+            self.val_margin,
+            self.val_rewards,
+            self.val_correct,
+            self.val_index,
+            self.val_gap,
+        ):
             metric.reset()
 
     def accuracy_by_rule(self, index: torch.Tensor, correct: torch.Tensor) -> dict[str, float]:

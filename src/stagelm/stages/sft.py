@@ -8,7 +8,6 @@ multi-turn metrics of `stagelm.chat_metrics` (`val/tool_decision`, `val/tool_arg
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from stagelm.chat_metrics import chat_behaviour_metrics
 from stagelm.data.instruct import IGNORE_INDEX
-from stagelm.evaluation import answer_correct, format_ok, generate_replies
+from stagelm.evaluation import answer_conversations, by_family, format_ok
 from stagelm.stages.base import StageModule
 
 
@@ -72,23 +71,16 @@ class SFTModule(StageModule):
         conversations = self.trainer.datamodule.eval_set()
         if not conversations:
             return {}, []
-        replies = generate_replies(
-            self.model,
-            self.tokenizer,
-            [c.prompt for c in conversations],
-            [c.tools for c in conversations],
-            self.eval_max_new_tokens,
-            self.eval_batch_size,
+        replies, correct = answer_conversations(
+            self.model, self.tokenizer, conversations, self.eval_max_new_tokens, self.eval_batch_size
         )
-        correct = [answer_correct(r, c.answer, c.reference) for r, c in zip(replies, conversations)]
         well_formed = [format_ok(r) for r in replies]
         metrics = {"val/exact_match": sum(correct) / len(correct), "val/format_ok": sum(well_formed) / len(replies)}
-        by_family: dict[str, list[bool]] = defaultdict(list)
-        for conv, ok in zip(conversations, correct):
-            if conv.family:
-                by_family[conv.family].append(ok)
-        for family, oks in by_family.items():
+        self.record_items("val/exact_match", correct)
+        self.record_items("val/format_ok", well_formed)
+        for family, oks in by_family([c.family for c in conversations], correct).items():
             metrics[f"val/exact_match_{family}"] = sum(oks) / len(oks)
+            self.record_items(f"val/exact_match_{family}", oks)
         metrics |= chat_behaviour_metrics(
             self.model, self.tokenizer, conversations, replies, self.eval_max_new_tokens, self.eval_batch_size
         )
