@@ -64,7 +64,8 @@ def interval_fields(before: list[float] | None, after: list[float] | None, direc
     if before and after:
         change = difference_interval(after, before)
         fields["change"] = _change(change)
-        fields["verdict"] = verdict(change, direction)
+        if direction != "budget":
+            fields["verdict"] = verdict(change, direction)
     return fields
 
 

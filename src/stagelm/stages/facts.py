@@ -11,7 +11,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StageFacts:
     upstream: tuple[str, ...]  # the stages whose checkpoint it may start from, the first present in a pipeline
-    headlines: tuple[tuple[str, str], ...]  # (metric, "min" | "max"), every one logged at validation
+    # (metric, "min" | "max" | "budget"), every one logged at validation; "budget": a cost the stage spends within a
+    # limit (PPO's KL to its reference rises from 0 by design), reported with its interval but judged neither way
+    headlines: tuple[tuple[str, str], ...]
     monitor: tuple[str, str]  # (metric, mode) that best.ckpt and Optuna sweeps follow
     needs_reward_model: bool = False
     # also shown in the report when logged (a small validation set may hold none of the cases they count)
@@ -35,7 +37,7 @@ STAGES: dict[str, StageFacts] = {
     "reward": StageFacts(("sft",), (("val/accuracy", "max"), ("val/margin", "max")), ("val/accuracy", "max")),
     "ppo": StageFacts(
         ("sft",),
-        (("val/rm_score", "max"), ("val/win_rate_vs_sft", "max"), ("val/kl", "min")),
+        (("val/rm_score", "max"), ("val/win_rate_vs_sft", "max"), ("val/kl", "budget")),
         ("val/win_rate_vs_sft", "max"),
         needs_reward_model=True,
     ),
