@@ -1398,6 +1398,27 @@ def _doc_objects(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
+def _doc_tool_notes(rng: random.Random) -> str:
+    """Worked notes of the tools' jobs in plain prose (train items only): the question, the expression or units
+    copied into the tool, its result copied into the answer. Copying long numbers and unit names exactly is what
+    tool calls need, and raw text teaches it far more cheaply than SFT's few tool turns."""
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        if rng.random() < 0.55:
+            p = _arith_problem(rng, "tool", *_tool_item(rng, "train"))
+            x, op, y, result = p.steps[0]
+            lines.append(f"{p.prompt} The calculator takes {x} {op} {y} and gives {result}. {_canonical(p)}")
+            continue
+        turn = _convert_turn(rng, "train", None, error_rate=TOOL_ERROR_RATE)
+        (_, args), result = turn.calls[0], turn.results[0]
+        asked = f"{args['value']} {args['from_unit']} to {args['to_unit']}"
+        if result.startswith("error"):
+            lines.append(f"{turn.prompt} The converter takes {asked} and says: {result}. {turn.reply}")
+        else:
+            lines.append(f"{turn.prompt} The converter takes {asked} and gives {result}. {turn.reply}")
+    return "\n".join(lines)
+
+
 _DOCS: list[tuple[Callable[[random.Random], str], float]] = [
     (_doc_digit_facts, 16),
     (_doc_word_facts, 10),
@@ -1408,6 +1429,7 @@ _DOCS: list[tuple[Callable[[random.Random], str], float]] = [
     (_doc_counting, 10),
     (_doc_number_words, 8),
     (_doc_objects, 8),
+    (_doc_tool_notes, 8),
 ]
 
 
