@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 
 class _SkipFirst:
@@ -36,8 +36,9 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.batch_size is None and self.batch_sampler is None:
-            raise ValueError("ResumableDataLoader counts batches: give it a batch_size or a batch_sampler")
+        if isinstance(self.dataset, IterableDataset):
+            raise ValueError("ResumableDataLoader skips batches by index: give it a map-style dataset")
+        # batch_size=None: each item of the dataset is a batch already (made-up batches, e.g. grouped by length)
         self._served = 0  # batches handed out by the current iteration, those skipped on resume included
         self._resume_at = 0  # batches the next iteration skips (set by load_state_dict)
         self._skip = 0  # set only while the next iteration's index sampler is created

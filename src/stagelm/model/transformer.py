@@ -81,15 +81,12 @@ class Transformer(nn.Module):
         compute_logits: bool = True,
         with_router_stats: bool = True,
     ) -> TransformerOutput:
-        """input_ids [B, T]. attention_mask [B, S] (S = cached + T) marks real tokens, False for padding; or a
-        boolean [B, 1, T, S] mask of which keys each query sees (packed training rows), given with positions.
+        """input_ids [B, T]. attention_mask [B, S] (S = cached + T) marks real tokens, False for padding.
         positions [B, T] default to counting real tokens, so left-padded rows get the positions they
         would have alone. with_router_stats=False skips the router losses and statistics (sampling needs
         neither); aux_loss is then 0 and router_stats empty."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if attention_mask is not None and attention_mask.dim() == 4 and positions is None:
-            raise ValueError("a ready [B, 1, T, S] attention mask (packed sequences) needs its positions [B, T]")
         if positions is None:
             if attention_mask is None:
                 positions = torch.arange(past, past + T, device=input_ids.device)[None]  # [1, T]
@@ -116,12 +113,9 @@ class Transformer(nn.Module):
     def _attention_mask(
         attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device
     ) -> torch.Tensor | None:
-        """None (plain causal, the fast path) or a boolean [B, 1, T, S] mask: causal, padding keys hidden. A mask
-        that is already [B, 1, T, S] (packed rows, each conversation seeing only itself) is used as it is."""
+        """None (plain causal, the fast path) or a boolean [B, 1, T, S] mask: causal, padding keys hidden."""
         if attention_mask is None and past == 0:
             return None
-        if attention_mask is not None and attention_mask.dim() == 4:
-            return attention_mask.bool()
         S = past + T
         if T == 1 and attention_mask is not None:
             # a decode step: its one query may see every key the mask allows (a StaticKVCache passes a mask as

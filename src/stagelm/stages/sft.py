@@ -40,10 +40,7 @@ class SFTModule(StageModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # packed rows carry their own mask and positions (each conversation sees only itself)
-        out = self.forward_model(
-            batch["input_ids"], attention_mask=batch.get("attention_mask"), positions=batch.get("positions")
-        )
+        out = self.forward_model(batch["input_ids"])
         loss = self.assistant_loss(out.logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/aux_loss", out.aux_loss)
