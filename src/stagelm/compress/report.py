@@ -45,7 +45,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Source: `{report['source']}` (stage {report['source_stage']}); output: `{report['output']}`.",
         f"fp32 original: {report['fp32_bytes']:,} weight bytes; bf16 original: {report['bf16_bytes']:,}. "
-        f"Steps apply {'in sequence (each row includes the rows above)' if report['chain'] else 'each to the original alone'}.",
+        "Steps apply "
+        + ("in sequence (each row includes the rows above)." if report["chain"] else "each to the original alone."),
         "",
         "| " + " | ".join(title for _, title in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -415,7 +415,7 @@ def magnitude_targets(model: Transformer, include_lm_head: bool) -> list[str]:
     """The weight matrices the value steps act on: attention, MLP, shared and routed experts (not embeddings,
     norms or routers), plus the LM head when asked."""
     names = []
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         if (
             name.endswith(("norm.weight", "layernorm.weight"))
             or "embed_tokens" in name
