@@ -154,6 +154,14 @@ def _require_dense(c: Compression, step: str) -> None:
         )
 
 
+def _expert_multiple(cfg: ModelConfig) -> int:
+    """Routed experts run grouped matmuls, which want widths in multiples of 16 bytes: 4 fp32 or 8 bf16 values
+    (8 for any width that allows it, so a pruned model still runs in bf16)."""
+    if not cfg.n_experts:
+        return 1
+    return 8 if cfg.d_ff >= 64 else 4
+
+
 def _keep_count(total: int, keep: float, multiple: int = 1) -> int:
     n = max(multiple, int(round(total * keep / multiple)) * multiple)
     return min(total, n)
@@ -202,7 +210,7 @@ class ActivationPrune:
         cfg, model = c.config, c.model
         state = _backbone_state(model)
         n_ff_dense = _keep_count(cfg.d_ff_dense, self.mlp_keep)
-        n_ff = _keep_count(cfg.d_ff, self.expert_keep)
+        n_ff = _keep_count(cfg.d_ff, self.expert_keep, multiple=_expert_multiple(cfg))
         group = cfg.n_heads // cfg.n_kv_heads
         n_per_group = _keep_count(group, self.heads_keep)
         for i, block in enumerate(model.layers):
@@ -297,11 +305,16 @@ class ExpertPrune:
     @staticmethod
     def choose(moe: MoE, x: Tensor, keep: int) -> list[int]:
         logits, _, outputs = expert_intermediates(moe, x)
-        full = routed_output(moe.router_kind, moe.top_k, logits, outputs, range(moe.n_experts))
-        kept = list(range(moe.n_experts))
+        return ExpertPrune.choose_from(moe.router_kind, moe.top_k, logits, outputs, keep)
+
+    @staticmethod
+    def choose_from(kind: str, top_k: int, logits: Tensor, outputs: Tensor, keep: int) -> list[int]:
+        """The experts kept, from router logits [N, E] and every expert's output on every token [E, N, D]."""
+        full = routed_output(kind, top_k, logits, outputs, range(logits.shape[1]))
+        kept = list(range(logits.shape[1]))
         while len(kept) > keep:
             errors = [
-                (routed_output(moe.router_kind, moe.top_k, logits, outputs, [k for k in kept if k != e]) - full)
+                (routed_output(kind, top_k, logits, outputs, [k for k in kept if k != e]) - full)
                 .pow(2)
                 .sum(-1)
                 .mean()
@@ -374,8 +387,8 @@ class RedundancyPrune:
             else:
                 dense.append((f"layers.{i}.feed_forward", None, _swiglu_hidden(block.feed_forward, x)))
         state = _backbone_state(model)
-        n_dense = self._apply(state, dense, cfg.d_ff_dense)
-        n_ff = self._apply(state, expert_like, cfg.d_ff)
+        n_dense = self._apply(state, dense, cfg.d_ff_dense, multiple=1)
+        n_ff = self._apply(state, expert_like, cfg.d_ff, multiple=_expert_multiple(cfg))
         new_cfg = replace(cfg, d_ff_dense=cfg.d_ff_dense - n_dense, d_ff=cfg.d_ff - n_ff)
         c.notes.append(
             f"redundancy pruning: merged {n_dense} of {cfg.d_ff_dense} dense-MLP channels and {n_ff} of {cfg.d_ff} "
@@ -383,12 +396,15 @@ class RedundancyPrune:
         )
         return Compression(_rebuild(new_cfg, state, model), c.tokenizer, {}, c.notes)
 
-    def _apply(self, state: dict[str, Tensor], mlps: list[tuple[str, int | None, Tensor]], width: int) -> int:
+    def _apply(
+        self, state: dict[str, Tensor], mlps: list[tuple[str, int | None, Tensor]], width: int, multiple: int
+    ) -> int:
         if not mlps:
             return 0
         want = int(width * self.fraction)
         plans = [self.plan(h, want, self.min_similarity) for _, _, h in mlps]
         n = min(len(p) for p in plans)
+        n -= (width - n) % multiple
         if n == 0:
             return 0
         expert_keeps: dict[str, dict[int, Tensor]] = {}
