@@ -9,7 +9,6 @@ the techniques) and no model is written. Errors a user can fix print one `error:
 from __future__ import annotations
 
 import copy
-import logging
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stagelm.errors import StagelmError
-
-log = logging.getLogger("stagelm.compress")
 
 # the acceptance targets of the two shipped recipes (issue 16): smaller than fp32, exact-match points lost
 TARGETS = {"deploy": (0.72, 0.02), "max": (0.85, 0.05)}
@@ -38,7 +35,8 @@ def measure_row(step: str, c: Any, baseline: Any, held: Any, fp32_params: int, c
             row[f"tokens_per_s_b{batch}"] = decode_speed(
                 c.model, c.tokenizer, batch, int(cfg.speed.new_tokens), int(cfg.speed.repeats)
             )
-    log.info("%s: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    shown = ("smaller_than_fp32", "val/loss", "val/exact_match", "tokens_per_s_b1", "tokens_per_s_b16")
+    print(f"{step}: " + ", ".join(f"{k} {row[k]:.3f}" for k in shown if k in row), flush=True)
     return row
 
 
@@ -157,7 +155,6 @@ def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     recipe_name = HydraConfig.get().runtime.choices.get("recipe") or "custom"
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         compress(cfg, recipe_name)
     except StagelmError as e:
