@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import stagelm
-from stagelm.chat import render, render_for_training
+from stagelm.chat import render_for_training
 from stagelm.checkpoint import load_checkpoint
 from stagelm.compress.measure import calibration_batches, save_compressed
 from stagelm.compress.steps import ActivationPrune, Compression, ExpertPrune, calibrate
@@ -153,6 +153,7 @@ def test_missing_arguments(tmp_path: Path) -> None:
 
 
 def test_distill_stage_loss_is_zero_when_student_is_teacher(tiny_tool_checkpoint: Path) -> None:
+    from stagelm.data.instruct import SFTCollator
     from stagelm.stages.distill import DistillModule
 
     loaded = load_checkpoint(tiny_tool_checkpoint)
@@ -162,14 +163,25 @@ def test_distill_stage_loss_is_zero_when_student_is_teacher(tiny_tool_checkpoint
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         init_from=str(tiny_tool_checkpoint),
         teacher=str(tiny_tool_checkpoint),
+        divergence="reverse",
+        on_policy=True,
     )
-    ex = render_for_training(loaded.tokenizer, tool_conversation(*TOOL_CONVERSATIONS[0]), [CALCULATOR_SCHEMA])
-    ids = torch.tensor([ex.input_ids])
-    mask = torch.tensor([ex.loss_mask])
-    assert render(tool_conversation(*TOOL_CONVERSATIONS[0]))  # the conversation renders in the chat format
-    kl = module.kl(module.model(ids).logits, ids, mask)
-    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+    examples = [
+        render_for_training(loaded.tokenizer, tool_conversation(*c), [CALCULATOR_SCHEMA]) for c in TOOL_CONVERSATIONS
+    ]
+    batch = SFTCollator(loaded.tokenizer.pad_id)([(e.input_ids, e.loss_mask) for e in examples])
+    mask = batch["labels"] != -100
+    assert module.kl(module.model(batch["input_ids"]).logits, batch["input_ids"], mask).item() == pytest.approx(
+        0, abs=1e-6
+    )
+    # GKD's on-policy term: KL on the student's own sampled replies, 0 too when the student is the teacher
+    torch.manual_seed(0)
+    assert module.on_policy_kl(batch).item() == pytest.approx(0.0, abs=1e-6)
     assert not any(p.requires_grad for p in module.teacher.parameters())
+    # and it is not 0 for a different student: the loss measures something
+    with torch.no_grad():
+        module.model.lm_head.weight.mul_(0.5)
+    assert module.kl(module.model(batch["input_ids"]).logits, batch["input_ids"], mask).item() > 1e-3
 
 
 def test_distill_stage_trains_from_a_pruned_student(tiny_tool_checkpoint: Path, tmp_path: Path) -> None:
@@ -196,3 +208,18 @@ def test_distill_stage_trains_from_a_pruned_student(tiny_tool_checkpoint: Path, 
     assert metrics["train/kl"] > 0 and "val/kl_to_teacher" in metrics
     trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert trained.stage == "distill" and trained.model_config.n_experts == 2
+
+
+@pytest.mark.parametrize("recipe", ["deploy", "max", "survey"])
+def test_every_recipe_composes_and_its_steps_build(recipe: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR / "compress"), version_base="1.3"):
+        cfg = compose("compress", overrides=[f"recipe={recipe}", "ckpt=x", "out=y"])
+    steps = [instantiate(s) for s in cfg.recipe.steps.values()]
+    assert steps and all(callable(s) for s in steps)
+    if recipe == "max":  # prune, recover by distillation, then quantize: storage is chosen last
+        assert list(cfg.recipe.steps) == ["activation", "distill", "int4"]
