@@ -25,9 +25,9 @@ def test_deploy_recipe_holds_its_targets(small_sft_checkpoint: Path, tmp_path: P
     assert final["smaller_than_fp32"] >= 0.72
     assert base["val/exact_match"] - final["val/exact_match"] <= 0.02
     assert final["val/format_ok"] >= base["val/format_ok"] - 0.02
-    # the machine is shared: "no slower" allows 10% of timing noise (best of two runs each)
+    # timed alternately with the original; the machine is shared: "no slower" allows 10% of timing noise
     for batch in (1, 16):
-        assert final[f"tokens_per_s_b{batch}"] >= 0.9 * base[f"tokens_per_s_b{batch}"]
+        assert final[f"speed_vs_original_b{batch}"] >= 0.9
     assert all(t["met"] for t in report["targets"]), report["targets"]
     model, tokenizer = stagelm.load(str(tmp_path / "model.ckpt"))
     assert model.config == stagelm.load(str(small_sft_checkpoint))[0].config

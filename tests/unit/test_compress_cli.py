@@ -57,6 +57,8 @@ def test_deploy_writes_a_smaller_model_and_the_report(deployed: Path, tiny_tool_
         "val/kl_to_original",
         "tokens_per_s_b1",
         "tokens_per_s_b16",
+        "speed_vs_original_b1",
+        "speed_vs_original_b16",
         "seconds",
     ):
         assert column in int8, column

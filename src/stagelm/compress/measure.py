@@ -92,17 +92,32 @@ def quality(model: Transformer, tokenizer: Tokenizer, data: HeldOut, reference: 
     return out
 
 
-@torch.no_grad()
-def decode_speed(model: Transformer, tokenizer: Tokenizer, batch_size: int, new_tokens: int, repeats: int = 3) -> float:
-    """Greedy decode tokens/s (all rows, no stop token) of the eager model on CPU; the best of `repeats` runs,
-    since the machine is shared and a slow run says more about the neighbours than the model."""
+def _decode_seconds(model: Transformer, tokenizer: Tokenizer, batch_size: int, new_tokens: int) -> float:
     prompt = [tokenizer.bos_id, *tokenizer.encode("What is 12 + 7?")]
-    best = 0.0
+    started = time.perf_counter()
+    generate(model, [prompt] * batch_size, new_tokens, greedy=True, pad_id=tokenizer.pad_id)
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def decode_speed(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    new_tokens: int,
+    repeats: int = 3,
+    reference: Transformer | None = None,
+) -> tuple[float, float | None]:
+    """Greedy decode tokens/s (all rows, no stop token) of the eager model on CPU, the best of `repeats` runs;
+    with a reference model, also the ratio of the two speeds, timed alternately in the same rounds, so a
+    neighbour's load on a shared machine slows both alike (the absolute figure then says little)."""
+    best = best_ref = float("inf")
     for _ in range(repeats):
-        started = time.perf_counter()
-        generate(model, [prompt] * batch_size, new_tokens, greedy=True, pad_id=tokenizer.pad_id)
-        best = max(best, batch_size * new_tokens / (time.perf_counter() - started))
-    return best
+        best = min(best, _decode_seconds(model, tokenizer, batch_size, new_tokens))
+        if reference is not None:
+            best_ref = min(best_ref, _decode_seconds(reference, tokenizer, batch_size, new_tokens))
+    ratio = best_ref / best if reference is not None else None
+    return batch_size * new_tokens / best, ratio
 
 
 def sizes(c: Compression, fp32_params: int) -> dict[str, float]:

@@ -20,6 +20,8 @@ COLUMNS = [
     ("val/kl_to_original", "KL to original"),
     ("tokens_per_s_b1", "tok/s b1"),
     ("tokens_per_s_b16", "tok/s b16"),
+    ("speed_vs_original_b1", "speed x b1"),
+    ("speed_vs_original_b16", "speed x b16"),
     ("seconds", "time s"),
 ]
 
@@ -33,6 +35,8 @@ def _fmt(key: str, value: Any) -> str:
         return f"{int(value):,}"
     if key in ("smaller_than_fp32",):
         return f"{value:.1%}"
+    if key.startswith("speed_vs"):
+        return f"{value:.2f}"
     if key.startswith("tokens_per_s") or key == "seconds":
         return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
     return f"{value:.3f}"
@@ -68,7 +72,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Weight bytes are the tensors as stored (weights only, no optimizer state). Weights are decoded to dense "
         "fp32 when loaded, so sparse and low-rank storage shrink the file, not the compute: dense kernels get no "
-        "speed-up from zeros. Structured pruning shrinks the shapes and does speed decoding up.",
+        "speed-up from zeros. Structured pruning shrinks the shapes and does speed decoding up. `speed x` is the "
+        "step's decode speed over the original's, both timed alternately in the same rounds (robust to a shared "
+        "machine's load; the absolute tok/s are not).",
         "",
     ]
     return "\n".join(lines)
