@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from stagelm.errors import StagelmError
 
-# the acceptance targets of the two shipped recipes (issue 16): smaller than fp32, exact-match points lost
-TARGETS = {"deploy": (0.72, 0.02), "max": (0.85, 0.05)}
+# the acceptance targets of the two shipped recipes (issue 16): smaller than fp32, exact-match points lost, and
+# whether decoding must be no slower than the original's
+TARGETS = {"deploy": (0.72, 0.02, True), "max": (0.85, 0.05, False)}
 
 
 def measure_row(step: str, c: Any, baseline: Any, held: Any, fp32_params: int, cfg: DictConfig) -> dict[str, Any]:
@@ -50,10 +51,10 @@ def measure_row(step: str, c: Any, baseline: Any, held: Any, fp32_params: int, c
 def check_targets(recipe: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if recipe not in TARGETS or len(rows) < 2 or "val/exact_match" not in rows[0]:
         return []
-    smaller, max_drop = TARGETS[recipe]
+    smaller, max_drop, as_fast = TARGETS[recipe]
     base, final = rows[0], rows[-1]
     drop = base["val/exact_match"] - final["val/exact_match"]
-    return [
+    targets = [
         {
             "what": f">= {smaller:.0%} smaller on disk than fp32",
             "met": final["smaller_than_fp32"] >= smaller,
@@ -64,13 +65,17 @@ def check_targets(recipe: str, rows: list[dict[str, Any]]) -> list[dict[str, Any
             "met": drop <= max_drop + 1e-9,
             "measured": f"{base['val/exact_match']:.3f} -> {final['val/exact_match']:.3f}",
         },
-        {
-            "what": "decoding no slower (batch 1 and 16)",
-            "met": all(final[f"speed_vs_original_b{b}"] >= 0.9 for b in (1, 16)),
-            "measured": ", ".join(f"b{b} {final[f'speed_vs_original_b{b}']:.2f}x" for b in (1, 16))
-            + " the original's speed, timed alternately (within 10% counts as no slower: the machine is shared)",
-        },
     ]
+    if as_fast:
+        targets.append(
+            {
+                "what": "decoding no slower (batch 1 and 16)",
+                "met": all(final[f"speed_vs_original_b{b}"] >= 0.9 for b in (1, 16)),
+                "measured": ", ".join(f"b{b} {final[f'speed_vs_original_b{b}']:.2f}x" for b in (1, 16))
+                + " the original's speed, timed alternately (within 10% counts as no slower: the machine is shared)",
+            }
+        )
+    return targets
 
 
 def compress(cfg: DictConfig, recipe_name: str = "custom") -> dict[str, Any]:
