@@ -81,7 +81,7 @@ def test_compressed_model_loads_and_answers_like_the_original(deployed: Path, ti
     assert reply == first_reply(original, tokenizer)
     loaded = load_checkpoint(deployed / "model.ckpt")
     kinds = {d["kind"] for d in loaded.extra["storage"].values()}
-    assert kinds == {"int8"} and loaded.stage == "compress"
+    assert kinds == {"int8"} and loaded.stage == "compress" and loaded.extra["source_stage"] == "sft"
 
 
 def test_generate_cli_runs_the_compressed_model(deployed: Path, tiny_tool_checkpoint: Path, tmp_path: Path) -> None:

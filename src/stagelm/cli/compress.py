@@ -125,7 +125,13 @@ def compress(cfg: DictConfig, recipe_name: str = "custom") -> dict[str, Any]:
         rows.append(measure_row(label, current, baseline, held, fp32_params, cfg) | {"seconds": seconds})
     written: list[str] = []
     if chain:
-        path = save_compressed(current, out / "model.ckpt", recipe=OmegaConf.to_container(cfg.recipe, resolve=True))
+        path = save_compressed(
+            current,
+            out / "model.ckpt",
+            recipe=OmegaConf.to_container(cfg.recipe, resolve=True),
+            source=str(cfg.ckpt),
+            source_stage=loaded.stage,
+        )
         reloaded = load_checkpoint(path)
         probe = calib_batches[0][:2]
         with torch.no_grad():
