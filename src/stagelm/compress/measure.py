@@ -7,6 +7,7 @@ The held-out data is the SFT stage's: the built-in validation conversations (or 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -109,15 +110,22 @@ def decode_speed(
     reference: Transformer | None = None,
 ) -> tuple[float, float | None]:
     """Greedy decode tokens/s (all rows, no stop token) of the eager model on CPU, the best of `repeats` runs;
-    with a reference model, also the ratio of the two speeds, timed alternately in the same rounds, so a
-    neighbour's load on a shared machine slows both alike (the absolute figure then says little)."""
-    best = best_ref = float("inf")
+    with a reference model, also the ratio of the two speeds: the median over rounds, each timing the two in the
+    order model, reference, reference, model, so that a neighbour's load on a shared machine, or its drift within
+    a round, slows both alike (the absolute figure then says little)."""
+    times, ratios = [], []
     for _ in range(repeats):
-        best = min(best, _decode_seconds(model, tokenizer, batch_size, new_tokens))
-        if reference is not None:
-            best_ref = min(best_ref, _decode_seconds(reference, tokenizer, batch_size, new_tokens))
-    ratio = best_ref / best if reference is not None else None
-    return batch_size * new_tokens / best, ratio
+        first = _decode_seconds(model, tokenizer, batch_size, new_tokens)
+        if reference is None:
+            times.append(first)
+            continue
+        ref = _decode_seconds(reference, tokenizer, batch_size, new_tokens)
+        ref += _decode_seconds(reference, tokenizer, batch_size, new_tokens)
+        last = _decode_seconds(model, tokenizer, batch_size, new_tokens)
+        times += [first, last]
+        ratios.append(ref / (first + last))
+    ratio = statistics.median(ratios) if ratios else None
+    return batch_size * new_tokens / min(times), ratio
 
 
 def sizes(c: Compression, fp32_params: int) -> dict[str, float]:
