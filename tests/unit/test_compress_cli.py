@@ -225,3 +225,29 @@ def test_every_recipe_composes_and_its_steps_build(recipe: str) -> None:
     assert steps and all(callable(s) for s in steps)
     if recipe == "max":  # prune, recover by distillation, then quantize: storage is chosen last
         assert list(cfg.recipe.steps) == ["activation", "distill", "int4"]
+
+
+def test_distill_stage_trains_a_fresh_smaller_student(tiny_tool_checkpoint: Path, tmp_path: Path) -> None:
+    from stagelm.cli.train import train
+
+    cfg = compose_train(
+        tmp_path,
+        "stage=distill",
+        f"teacher={tiny_tool_checkpoint}",
+        "model=tiny",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.builtin_train=32",
+        "data.builtin_val=4",
+        "data.eval_examples=2",
+        "data.batch_size=4",
+        "stage.warmup_steps=1",
+    )
+    metrics = train(cfg)
+    assert metrics["train/kl"] > 0
+    student = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    teacher = load_checkpoint(tiny_tool_checkpoint)
+    assert student.tokenizer.to_dict() == teacher.tokenizer.to_dict()
+    assert student.model.num_params() < teacher.model.num_params()
