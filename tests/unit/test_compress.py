@@ -9,20 +9,13 @@ import pytest
 import torch
 
 from stagelm.compress import storage
-from stagelm.compress.steps import (
-    ActivationPrune,
-    Calibration,
-    Compression,
-    ExpertPrune,
-    LowRank,
-    MagnitudePrune,
-    Quantize,
-    RedundancyPrune,
-    calibrate,
-    lowrank_factors,
-    select_rank,
-    stored_numel,
-)
+from stagelm.compress.activation import ActivationPrune
+from stagelm.compress.base import Calibration, Compression, calibrate, stored_numel
+from stagelm.compress.experts import ExpertPrune
+from stagelm.compress.lowrank import LowRank, lowrank_factors, select_rank
+from stagelm.compress.magnitude import MagnitudePrune
+from stagelm.compress.quantize import Quantize
+from stagelm.compress.redundancy import RedundancyPrune
 from stagelm.losses import distill_kl
 from stagelm.model import ModelConfig, Transformer
 from stagelm.tokenizer import CharTokenizer

@@ -14,8 +14,10 @@ import torch
 import stagelm
 from stagelm.chat import render_for_training
 from stagelm.checkpoint import load_checkpoint
+from stagelm.compress.activation import ActivationPrune
+from stagelm.compress.base import Compression, calibrate
+from stagelm.compress.experts import ExpertPrune
 from stagelm.compress.measure import calibration_batches, save_compressed
-from stagelm.compress.steps import ActivationPrune, Compression, ExpertPrune, calibrate
 from stagelm.evaluation import generate_replies
 from stagelm.tools import CALCULATOR_SCHEMA
 from tests.conftest import TOOL_CONVERSATIONS, compose_train, run_main_in_process, tool_conversation

@@ -82,10 +82,10 @@ def compress(cfg: DictConfig, recipe_name: str = "custom") -> dict[str, Any]:
     """Run the recipe (`recipe_name` titles the report and picks its targets), write the model and the report;
     return the report."""
     from stagelm.checkpoint import load_checkpoint
+    from stagelm.compress.base import Compression, calibrate
     from stagelm.compress.measure import calibration_batches, held_out, save_compressed
     from stagelm.compress.recovery import DistillRecovery
     from stagelm.compress.report import write_report
-    from stagelm.compress.steps import Compression, calibrate
 
     torch.manual_seed(int(cfg.seed))
     out = Path(cfg.out)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from stagelm.chat import render_for_training
 from stagelm.checkpoint import atomic_torch_save, stagelm_metadata
 from stagelm.compress import storage
-from stagelm.compress.steps import Compression, stored_numel
+from stagelm.compress.base import Compression, stored_numel
 from stagelm.data.instruct import IGNORE_INDEX, Conversation, SFTCollator, builtin_conversations, read_conversations
 from stagelm.evaluation import answer_correct, format_ok, generate_replies
 from stagelm.generation import generate

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from stagelm.checkpoint import load_checkpoint
+from stagelm.compress.base import Calibration, Compression
 from stagelm.compress.measure import save_compressed
-from stagelm.compress.steps import Calibration, Compression
 
 
 class DistillRecovery:
