@@ -3,7 +3,9 @@
 A checkpoint is a Lightning `.ckpt` file (so `ckpt_path=` resumes a run exactly) with one extra entry,
 `checkpoint["stagelm"]`, holding what any command needs without the training config: the model config, the
 tokenizer and the stage that wrote it. Backbone weights live in `state_dict` under the prefix `model.`;
-stage-specific heads (reward or value heads) under their own prefixes. Files are written atomically.
+stage-specific heads (reward or value heads) under their own prefixes. Files are written atomically. A compressed
+checkpoint (`stagelm-compress`) stores some tensors packed (int8, int4, sparse, low-rank; `stagelm.compress.storage`)
+and describes them in `checkpoint["stagelm"]["storage"]`; loading decodes them, so it loads like any other.
 
 A finished run's `checkpoints/manifest.json` records the sha256 of each checkpoint and the hash of the run's
 config: a later stage (`init_from`, `reward_model`) and the pipeline refuse a checkpoint whose bytes changed since
@@ -116,10 +118,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Loade
     config = ModelConfig.from_dict(meta.pop("model_config"))
     tokenizer = Tokenizer.from_dict(meta.pop("tokenizer"))
     stage = meta.pop("stage", "unknown")
+    state = ckpt["state_dict"]
+    if meta.get("storage"):  # a compressed checkpoint (stagelm-compress): decode its packed tensors to fp32
+        from stagelm.compress.storage import decode_state
+
+        state = decode_state(state, meta["storage"])
     model = Transformer(config)
-    load_weights_strict(model, submodule_state(ckpt["state_dict"], "model."), str(path))
+    load_weights_strict(model, submodule_state(state, "model."), str(path))
     model.eval()
-    return LoadedCheckpoint(model, tokenizer, config, stage, ckpt["state_dict"], meta)
+    return LoadedCheckpoint(model, tokenizer, config, stage, state, meta)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

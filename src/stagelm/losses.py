@@ -524,3 +524,36 @@ def grpo_loss(
             clip_ratio_high=masked_mean(high.float(), mask),
             kl=masked_mean(kl.detach().float(), mask) if kl is not None else torch.zeros((), device=logp.device),
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Knowledge distillation (Hinton et al. 2015; GKD: Agarwal et al. 2024, "On-Policy Distillation of Language Models")
+# ----------------------------------------------------------------------------------------------------------------
+
+DistillDivergence = Literal["forward", "reverse"]
+
+
+def distill_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    divergence: DistillDivergence = "forward",
+    temperature: float = 1.0,
+) -> Tensor:
+    """Mean over masked positions of the exact per-token KL between the teacher's and the student's next-token
+    distributions at `temperature`, scaled by temperature^2 (Hinton's convention, so gradients keep their size).
+
+    forward: KL(teacher || student), mass-covering, the classic distillation loss on the teacher's logits.
+    reverse: KL(student || teacher), mode-seeking; on the student's own samples it is GKD's on-policy objective.
+    logits [B, T, V], mask [B, T] -> scalar; 0 exactly when the two distributions agree."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    s = student_logits.float() / temperature
+    t = teacher_logits.float() / temperature
+    if divergence == "forward":
+        kl = token_kl(t, s, mask)
+    elif divergence == "reverse":
+        kl = token_kl(s, t, mask)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r} (expected 'forward' or 'reverse')")
+    return masked_sum(kl, mask) / mask.sum().clamp_min(1) * temperature**2

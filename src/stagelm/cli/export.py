@@ -33,6 +33,14 @@ def run(ckpt: str, out: str) -> int:
         f"exported {ckpt} (stage {loaded.stage}, {cfg.num_params():,} parameters) "
         f"to {path.resolve()} as Llama4ForCausalLM"
     )
+    storage = loaded.extra.get("storage")
+    if storage:
+        kinds = sorted({d["kind"] for d in storage.values()})
+        print(
+            f"note: {ckpt} stores {len(storage)} tensor(s) compressed ({', '.join(kinds)}); Llama 4 has no such "
+            "weights, so they were exported dequantized to fp32 (the same values the stagelm model computes with; "
+            "the export is as large as an uncompressed model)"
+        )
     if loaded.tokenizer.kind != "bpe":
         print(
             f"note: the {loaded.tokenizer.kind} tokenizer has no Hugging Face equivalent; wrote stagelm_tokenizer.json"

@@ -86,6 +86,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         loaded = load_checkpoint(cfg.init_from)
         tokenizer, model_config = loaded.tokenizer, loaded.model_config
         log.info("starting from %s (stage %s)", cfg.init_from, loaded.stage)
+    elif cfg.get("teacher"):  # distillation into a fresh student of `model=`: it must speak the teacher's tokens
+        verify_against_manifest(cfg.teacher, "teacher")
+        tokenizer = load_checkpoint(cfg.teacher).tokenizer
+        model_config = build_model_config(cfg, tokenizer.vocab_size)
+        log.info("a fresh student with the tokenizer of teacher=%s", cfg.teacher)
     else:
         tokenizer = build_tokenizer(cfg, datamodule)
         model_config = build_model_config(cfg, tokenizer.vocab_size)

@@ -46,6 +46,12 @@ STAGES: dict[str, StageFacts] = {
         (("val/accuracy", "max"), ("val/win_rate_vs_sft", "max"), ("val/judge_score", "max")),
         ("val/accuracy", "max"),
     ),
+    # knowledge distillation (also compression's recovery step): from a pruned SFT model, or a fresh smaller one
+    "distill": StageFacts(
+        ("sft",),
+        (("val/exact_match", "max"), ("val/kl_to_teacher", "min"), ("val/format_ok", "max")),
+        ("val/exact_match", "max"),
+    ),
     "grpo": StageFacts(("ppo", "sft"), (("val/accuracy", "max"), ("val/pass@k", "max")), ("val/accuracy", "max")),
 }
 

@@ -1,0 +1,1 @@
+"""Hydra configs of `stagelm-compress`: the primary config, recipes (`recipe/`) and the steps they compose (`step/`)."""
