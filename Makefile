@@ -25,7 +25,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	WANDB_MODE=offline $(BIN)/pytest -q --durations=25
 
-# The main job on the built-in data: all four stages with the small model on CPU, then the report
+# The main job on the built-in data: all four stages with the tiny model on CPU, then the report
 # (outputs/pipeline/report.md). Running it again skips finished stages.
 demo: $(STAMP)
 	WANDB_MODE=offline $(BIN)/stagelm-pipeline
