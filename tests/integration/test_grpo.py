@@ -155,7 +155,8 @@ def test_grpo_placebo_and_other_settings_run(tmp_path: Path, tiny_sft: Path) -> 
     assert "grpo/kl" not in metrics  # beta=0: no reference at all
     assert metrics["grpo/logprob_max_diff"] < 1e-3
     assert "val/accuracy" in metrics and not any(k.startswith("val/pass@") for k in metrics)
-    assert metrics["rollout/tokens_per_sec"] > 0
+    # a tiny model on a CPU samples thousands of tokens a second, not billions (a lost sampling time once gave 1e12)
+    assert 100 < metrics["rollout/tokens_per_sec"] < 1e6
 
 
 def test_grpo_config_errors_are_clear(tmp_path: Path, tiny_sft: Path) -> None:

@@ -125,7 +125,8 @@ def test_ppo_stage_runs_logs_and_reloads(tmp_path: Path, tiny_sft_and_reward: tu
     assert not missing, (missing, sorted(metrics))
     assert 0.0 <= metrics["val/win_rate_vs_sft"] <= 1.0 and metrics["val/kl"] >= 0.0
     assert 0.0 <= metrics["ppo/no_eos_fraction"] <= 1.0
-    assert metrics["rollout/tokens_per_sec"] > 0
+    # a tiny model on a CPU samples thousands of tokens a second, not billions (a lost sampling time once gave 1e12)
+    assert 100 < metrics["rollout/tokens_per_sec"] < 1e6
 
     ckpt_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     raw = read_checkpoint(ckpt_path)

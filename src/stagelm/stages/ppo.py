@@ -32,6 +32,7 @@ policy is saved under `model.` (every tool loads it), the value model under `val
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -231,7 +232,8 @@ class PPOModule(StageModule):
             self.top_p,
             self._generator(offset),
         )
-        return select_rows(rollout, torch.arange(len(rollout)))
+        # all rows, all-padding columns dropped; the sampler's wall time stays (rollout/tokens_per_sec reads it)
+        return replace(select_rows(rollout, torch.arange(len(rollout))), seconds=rollout.seconds)
 
     @torch.no_grad()
     def calibrate_scores(self) -> None:
