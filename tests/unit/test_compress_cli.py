@@ -82,8 +82,10 @@ def test_compressed_model_loads_and_answers_like_the_original(deployed: Path, ti
     assert "calculator" in reply and "4821 * 37" in reply
     assert reply == first_reply(original, tokenizer)
     loaded = load_checkpoint(deployed / "model.ckpt")
-    kinds = {d["kind"] for d in loaded.extra["storage"].values()}
-    assert kinds == {"int8"} and loaded.stage == "compress" and loaded.extra["source_stage"] == "sft"
+    kinds = {name: d["kind"] for name, d in loaded.extra["storage"].items()}
+    assert set(kinds.values()) == {"int8", "half"}  # deploy: int8 matrices, the embedding table in bf16
+    assert [name for name, kind in kinds.items() if kind == "half"] == ["model.embed_tokens.weight"]
+    assert loaded.stage == "compress" and loaded.extra["source_stage"] == "sft"
 
 
 def test_generate_cli_runs_the_compressed_model(deployed: Path, tiny_tool_checkpoint: Path, tmp_path: Path) -> None:
