@@ -17,31 +17,17 @@ from stagelm.compress.magnitude import MagnitudePrune
 from stagelm.compress.quantize import Quantize
 from stagelm.compress.redundancy import RedundancyPrune
 from stagelm.losses import distill_kl
-from stagelm.model import ModelConfig, Transformer
+from stagelm.model import Transformer
 from stagelm.tokenizer import CharTokenizer
+from tests.conftest import tiny_model_config
 
 
 def hand_model(**overrides) -> Transformer:
     """Layer 0 dense (4 MLP channels), layer 1 MoE (3 experts of 8 channels, top-1, shared expert); 4 heads of
     dim 8 on 2 KV heads. Random weights, so every channel and head is alive unless a test kills it."""
-    values = dict(
-        vocab_size=16,
-        d_model=8,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        d_ff=8,
-        d_ff_dense=4,
-        n_experts=3,
-        top_k=1,
-        moe_every=2,
-        max_seq_len=32,
-        init_std=0.3,
-    )
-    values.update(overrides)
+    shape = dict(vocab_size=16, d_model=8, head_dim=8, d_ff=8, d_ff_dense=4, n_experts=3, top_k=1, max_seq_len=32)
     torch.manual_seed(0)
-    return Transformer(ModelConfig(**values)).eval()
+    return Transformer(tiny_model_config(**{**shape, "init_std": 0.3, **overrides})).eval()
 
 
 def tokens(n: int = 4, length: int = 16, vocab: int = 16) -> list[torch.Tensor]:
