@@ -232,6 +232,20 @@ def test_kill9_and_resume_later_stages(stage: str, extra: list[str], chain: dict
     kill_and_resume(stage, chain, tmp_path, 8, *extra)
 
 
+def signal_after_five_steps(
+    tmp_path: Path, args: list[str], signum: int, start_timeout: float
+) -> tuple[subprocess.Popen, float, str]:
+    """Start `stagelm-train args`, send `signum` once five steps have run, wait for it to exit: the process, the
+    seconds from the signal to the exit, and its output."""
+    steps = tmp_path / "steps.jsonl"
+    proc = spawn_train(tmp_path, *args, *recorder(steps))
+    wait_for(lambda: steps.exists() and len(steps.read_text().splitlines()) >= 5, proc, start_timeout, "five steps")
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    proc.wait(60)
+    return proc, time.monotonic() - sent, (tmp_path / "subprocess.log").read_text()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_last_ckpt_and_exits_within_seconds(signum: int, chain: dict[str, Path], tmp_path: Path) -> None:
     # no periodic checkpoint and a validation only at the end: what the signal saves is the only last.ckpt
@@ -241,14 +255,7 @@ def test_a_signal_saves_last_ckpt_and_exits_within_seconds(signum: int, chain: d
         "trainer.val_check_interval=100000",
         "checkpoint_every_n_steps=0",
     ]
-    proc = spawn_train(tmp_path, *args, *recorder(tmp_path / "steps.jsonl"))
-    steps = tmp_path / "steps.jsonl"
-    wait_for(lambda: steps.exists() and len(steps.read_text().splitlines()) >= 5, proc, 120, "five training steps")
-    sent = time.monotonic()
-    proc.send_signal(signum)
-    proc.wait(60)
-    took = time.monotonic() - sent
-    output = (tmp_path / "subprocess.log").read_text()
+    proc, took, output = signal_after_five_steps(tmp_path, args, signum, start_timeout=120)
     assert proc.returncode == 128 + signum, output[-2000:]
     assert took < 10, took
     name = signal.Signals(signum).name
@@ -274,15 +281,9 @@ def test_ddp_sigterm_saves_stops_and_resumes(chain: dict[str, Path], tmp_path: P
         "trainer.val_check_interval=100000",
         "checkpoint_every_n_steps=0",
     ]
-    proc = spawn_train(tmp_path, *args, *recorder(tmp_path / "steps.jsonl"))
-    steps = tmp_path / "steps.jsonl"
-    wait_for(lambda: steps.exists() and len(steps.read_text().splitlines()) >= 5, proc, 180, "five training steps")
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
-    output = (tmp_path / "subprocess.log").read_text()
+    proc, took, output = signal_after_five_steps(tmp_path, args, signal.SIGTERM, start_timeout=180)
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert time.monotonic() - sent < 15
+    assert took < 15
     assert "stopped by SIGTERM at step" in output
     saved = torch.load(_last(tmp_path / "run"), weights_only=False)["global_step"]
     assert saved >= 5
