@@ -14,7 +14,7 @@ from stagelm.compress.base import Calibration, Compression, calibrate, stored_nu
 from stagelm.compress.experts import ExpertPrune
 from stagelm.compress.lowrank import LowRank, lowrank_factors, select_rank
 from stagelm.compress.magnitude import MagnitudePrune
-from stagelm.compress.quantize import Quantize
+from stagelm.compress.quantize import Quantize, gptq_int4
 from stagelm.compress.redundancy import RedundancyPrune
 from stagelm.losses import distill_kl
 from stagelm.model import Transformer
@@ -83,6 +83,44 @@ def test_quantization_error_is_at_most_half_a_step(kind: str) -> None:
     # packed for real: 1 byte per weight + an fp32 scale per output channel, or half a byte + an fp16 per 16
     expected = w.numel() + 3 * 40 * 4 if kind == "int8" else w.numel() // 2 + w.numel() // 16 * 2
     assert e.nbytes() == expected
+
+
+def test_gptq_on_uncorrelated_inputs_is_round_to_nearest() -> None:
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    gram = torch.diag(torch.rand(32, generator=torch.Generator().manual_seed(1)) + 0.5)
+    values, scale = gptq_int4(w, gram, group=16)
+    rtn = storage.encode_int4(w, group=16)
+    assert torch.equal(scale, rtn.tensors["scale"])
+    assert torch.allclose(values, storage.decode(rtn), atol=1e-6)
+
+
+def test_gptq_compensates_rounding_on_correlated_inputs() -> None:
+    g = torch.Generator().manual_seed(0)
+    # inputs with strongly correlated features, as a layer's activations are
+    x = torch.randn(2048, 8, generator=g) @ torch.randn(8, 32, generator=g) + 0.1 * torch.randn(2048, 32, generator=g)
+    w = torch.randn(16, 32, generator=g)
+    values, scale = gptq_int4(w, x.t() @ x / len(x), group=16)
+    encoded = storage.encode_int4(values, group=16, scale=scale)
+    assert torch.allclose(storage.decode(encoded), values, atol=1e-6)  # stored exactly, on the int4 grid
+    rtn = storage.decode(storage.encode_int4(w, group=16))
+    out_error = lambda q: ((x @ (w - q).t()) ** 2).mean().item()  # noqa: E731
+    assert out_error(values) < 0.5 * out_error(rtn)  # the outputs, not the weights, are what GPTQ keeps
+
+
+def test_gptq_quantizes_every_expert_on_its_own_tokens_and_tracks_the_model_better() -> None:
+    batches = tokens(n=8, length=32)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = hand_model(d_model=32, d_ff=32)
+        reference = logits(model, batches)
+        c = Quantize(bits=4, group=16, method=method)(compression(model), calibrate(model, batches))
+        for name in ("layers.1.feed_forward.gate_up_proj", "layers.1.feed_forward.down_proj"):
+            assert c.encodings[name].kind == "int4"
+            assert torch.equal(storage.decode(c.encodings[name]), model.state_dict()[name])
+        errors[method] = ((logits(model, batches) - reference) ** 2).mean().item()
+    assert errors["gptq"] < errors["rtn"]
+    with pytest.raises(ValueError, match="calibration"):
+        Quantize(bits=4, method="gptq")(compression(hand_model()), None)
 
 
 def test_sparse_storage_is_mask_plus_values() -> None:

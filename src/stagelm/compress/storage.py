@@ -62,21 +62,24 @@ def _decode_int8(e: Encoded) -> Tensor:
     return (e.tensors["codes"].float() * e.tensors["scale"]).movedim(-1, e.meta["in_dim"])
 
 
-def _int4_scale(amax: Tensor) -> Tensor:
+def int4_scale(amax: Tensor) -> Tensor:
     """The fp16 scale of each group, rounded up so that amax / scale <= 7 still holds after the fp16 rounding."""
     exact = (amax / 7.0).clamp_min(2**-14)  # fp16's smallest normal number: tiny groups lose nothing that matters
     half = exact.half()
     return torch.where(half.float() < exact, torch.nextafter(half, torch.tensor(torch.inf, dtype=half.dtype)), half)
 
 
-def encode_int4(w: Tensor, group: int = 32, in_dim: int = -1) -> Encoded:
-    """Symmetric int4 over groups of `group` inputs; the input dimension must divide by `group` (and be even)."""
+def encode_int4(w: Tensor, group: int = 32, in_dim: int = -1, scale: Tensor | None = None) -> Encoded:
+    """Symmetric int4 over groups of `group` inputs; the input dimension must divide by `group` (and be even).
+    `scale` [..., G, 1] (fp16, inputs last) gives the groups' scales instead of each group's amax / 7, for
+    values already on that grid (GPTQ chooses its scales before the values)."""
     x = _move_in_dim_last(w.detach().float(), in_dim)
     n_in = x.shape[-1]
     if n_in % group or group % 2:
         raise ValueError(f"int4: input dimension {n_in} is not a multiple of the (even) group size {group}")
     grouped = x.reshape(*x.shape[:-1], n_in // group, group)  # [..., G, group]
-    scale = _int4_scale(grouped.abs().amax(-1, keepdim=True))  # [..., G, 1] fp16
+    if scale is None:
+        scale = int4_scale(grouped.abs().amax(-1, keepdim=True))  # [..., G, 1] fp16
     codes = torch.round(grouped / scale.float()).clamp(-8, 7).to(torch.int16) + 8  # 0..15
     codes = codes.reshape(*x.shape[:-1], n_in).to(torch.uint8)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # two codes per byte: even index in the low nibble
