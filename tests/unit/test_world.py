@@ -333,6 +333,36 @@ def test_corpus(corpus: str) -> None:
     assert len(world.pretrain_corpus(n_chars=10_000)) <= 10_000
 
 
+NOTE_CALL = re.compile(r"(calculator|convert) (\{[^}]*\})")
+
+
+def test_tool_notes_write_each_call_as_the_chat_does_with_its_true_result(corpus: str) -> None:
+    """The corpus's tool notes teach the call itself: the tool's name and its JSON arguments exactly as a chat
+    tool call carries them, made from the question before it, then the result the real tool gives."""
+    from stagelm.tools import run_tool_call
+
+    notes = [line for line in corpus.splitlines() if NOTE_CALL.search(line)]
+    assert len(notes) > 500
+    kinds = set()
+    for line in notes[:400]:
+        calls = NOTE_CALL.findall(line)
+        question, rest = line.split(f"{calls[0][0]} {{", 1)
+        stated = re.search(r" (?:gives|says) (.*?)\. ", rest).group(1).split(" and ")
+        assert len(stated) == len(calls) in (1, 2), line
+        for (name, arguments), result in zip(calls, stated):
+            args = json.loads(arguments)
+            assert result == run_tool_call({"function": {"name": name, "arguments": arguments}}), line
+            # every argument comes from the question: the expression's numbers, or the value and both units
+            if name == "calculator":
+                parts = re.findall(r"\d+", args["expression"])
+            else:
+                parts = [str(args["value"]), f" {args['from_unit']}", f" {args['to_unit']}"]
+            assert all(part in question for part in parts), line
+            kinds.add((name, len(calls), result.startswith("error")))
+    assert {("calculator", 1, False), ("convert", 1, False), ("convert", 1, True)} <= kinds
+    assert any(n == 2 for _, n, _ in kinds)
+
+
 def test_calculator() -> None:
     assert world.calculator("4821 * 37") == "178377"
     assert world.calculator("(12 + 7) * 3 - 5") == "52"
