@@ -287,7 +287,14 @@ def test_every_recipe_composes_and_its_steps_build(recipe: str) -> None:
     steps = [instantiate(s) for s in cfg.recipe.steps.values()]
     assert steps and all(callable(s) for s in steps)
     if recipe == "max":  # prune, recover by distillation, then quantize: storage is chosen last
-        assert list(cfg.recipe.steps) == ["activation", "distill", "int4"]
+        assert list(cfg.recipe.steps) == ["experts", "distill", "int4"]
+        distill, int4 = steps[1], steps[2]
+        # the distillation trains with exactly the int4 step's rounding, which then stores what was trained
+        assert distill.fake_quant == {"bits": 4, "group": 32, "lm_head": int4.lm_head, "embeddings": "bf16"}
+        assert int4.method == "rtn" and (int4.bits, int4.group) == (4, 32)
+        assert "stage.fake_quant={bits:4,group:32,lm_head:int8,embeddings:bf16}" in distill.command(
+            Path("s"), Path("r")
+        )
 
 
 def test_distill_stage_trains_a_fresh_smaller_student(tiny_tool_checkpoint: Path, tmp_path: Path) -> None:
