@@ -1,12 +1,15 @@
 """Compression steps on small hand-made models, with numbers worked out by hand: what each pruning step removes,
-SVD rank selection, quantization error bounds and packing, every expert quantized, and the distillation loss."""
+SVD rank selection, quantization error bounds and packing, every expert quantized, fake quantization for
+quantization-aware training, and the distillation loss."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from stagelm.compress import storage
 from stagelm.compress.activation import ActivationPrune
@@ -14,7 +17,7 @@ from stagelm.compress.base import Calibration, Compression, calibrate, stored_nu
 from stagelm.compress.experts import ExpertPrune
 from stagelm.compress.lowrank import LowRank, lowrank_factors, select_rank
 from stagelm.compress.magnitude import MagnitudePrune
-from stagelm.compress.quantize import Quantize, gptq_int4
+from stagelm.compress.quantize import Quantize, fake_quantize, gptq_int4, latent_key
 from stagelm.compress.redundancy import RedundancyPrune
 from stagelm.losses import distill_kl
 from stagelm.model import Transformer
@@ -162,6 +165,81 @@ def test_every_expert_is_quantized_router_norms_embeddings_are_not() -> None:
     for name in ("embed_tokens.weight", f"{moe}.router.weight", "norm.weight", "layers.0.input_layernorm.weight"):
         assert name not in c.encodings and torch.equal(model.state_dict()[name], original[name])
     assert c.encodings["lm_head.weight"].kind == "int8"
+
+
+# --- fake quantization (quantization-aware distillation) ---------------------------------------------------------
+
+
+def test_fake_quant_weight_by_hand_and_gradient_straight_through() -> None:
+    model = hand_model(d_model=32, d_ff=32)
+    q_proj = model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight.zero_()
+        q_proj.weight[0, :4] = torch.tensor([0.7, -0.35, 0.1, 0.0])
+    fake_quantize(model, bits=4, group=16)
+    # the group's amax 0.7 / 7 rounds up to the fp16 scale 0.10003662109375: codes 7, -3, 1, 0
+    scale = 0.10003662109375
+    assert q_proj.weight[0, :4].tolist() == [7 * scale, -3 * scale, 1 * scale, 0.0]
+    latent = q_proj.parametrizations.weight.original
+    assert latent[0, :4].tolist() == pytest.approx([0.7, -0.35, 0.1, 0.0])  # the parameter keeps its own value
+    # straight through: d(sum(c * Q(w))) / dw = c, the rounding's zero derivative ignored
+    c = torch.randn(q_proj.weight.shape)
+    (q_proj.weight * c).sum().backward()
+    assert torch.equal(latent.grad, c)
+    experts = model.layers[1].feed_forward
+    (experts.down_proj * 2.0).sum().backward()  # a routed expert's 3-D weight [E, in, out] too
+    assert torch.equal(experts.parametrizations.down_proj.original.grad, torch.full((3, 32, 32), 2.0))
+
+
+def test_fake_quant_forward_is_exactly_the_stored_model() -> None:
+    """On every tensor round-to-nearest `Quantize` quantizes, and only those: int4 weights and experts, the LM
+    head int8, embeddings bf16; the router and norms untouched. The fake-quantized model's logits are the
+    quantized model's, bit for bit."""
+    model = hand_model(d_model=32, d_ff=32)
+    quantized = Quantize(bits=4, group=16, embeddings="bf16")(compression(copy.deepcopy(model)))
+    names = fake_quantize(model, bits=4, group=16, embeddings="bf16")
+    assert sorted(names) == sorted(quantized.encodings)
+    moe = "layers.1.feed_forward"
+    assert f"{moe}.gate_up_proj" in names and f"{moe}.router.weight" not in names and "norm.weight" not in names
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        value = getattr(model.get_submodule(module), attr)
+        assert torch.equal(value, storage.decode(quantized.encodings[name])), name
+    batches = tokens()
+    assert torch.equal(logits(model, batches), logits(quantized.model, batches))
+    # the latent weights under their plain keys are a plain model's state dict
+    latent = {latent_key(k): v for k, v in model.state_dict().items()}
+    assert set(latent) == set(hand_model(d_model=32, d_ff=32).state_dict())
+    assert latent_key("lm_head.parametrizations.weight.original") == "lm_head.weight"
+    assert latent_key(f"model.{moe}.parametrizations.down_proj.original") == f"model.{moe}.down_proj"
+
+
+def test_quantization_aware_training_beats_rounding_the_original() -> None:
+    """A few steps of distillation through fake int4 weights: the latent weights, quantized by round to nearest,
+    track the teacher better than the original weights quantized the same way."""
+    teacher = hand_model(d_model=32, d_ff=32)
+    batches = tokens(n=8, length=16)
+    target = torch.log_softmax(logits(teacher, batches), -1)
+
+    def kl_to_teacher(m: Transformer) -> float:
+        student = torch.log_softmax(logits(m, batches), -1)
+        return torch.nn.functional.kl_div(student, target, log_target=True, reduction="batchmean").item()
+
+    rounded = kl_to_teacher(Quantize(bits=4, group=16)(compression(copy.deepcopy(teacher))).model)
+    student = copy.deepcopy(teacher).train()
+    fake_quantize(student, bits=4, group=16)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    for _ in range(30):
+        out = torch.log_softmax(student(batches[0]).logits, -1)
+        loss = torch.nn.functional.kl_div(out, target, log_target=True, reduction="batchmean")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for module in [m for m in student.modules() if parametrize.is_parametrized(m)]:
+        for attr in list(module.parametrizations):
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)  # back to the latent
+    trained = kl_to_teacher(Quantize(bits=4, group=16)(compression(student.eval())).model)
+    assert trained < 0.5 * rounded, (trained, rounded)
 
 
 # --- pruning: what each step removes -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ CLI, and exports; the distillation stage trains from it with the original as tea
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -216,6 +217,64 @@ def test_distill_stage_trains_from_a_pruned_student(tiny_tool_checkpoint: Path, 
     assert trained.stage == "distill" and trained.model_config.n_experts == 2
 
 
+def test_distill_stage_with_fake_quant_saves_the_latent_weights(tiny_tool_checkpoint: Path, tmp_path: Path) -> None:
+    """Quantization-aware distillation: the checkpoint is a plain model's (loads strictly) holding the latent
+    weights, and round-to-nearest int4 of them is exactly the model the run computed with."""
+    from stagelm.cli.train import train
+    from stagelm.compress.quantize import Quantize, fake_quantize
+
+    cfg = compose_train(
+        tmp_path,
+        "stage=distill",
+        f"init_from={tiny_tool_checkpoint}",
+        f"teacher={tiny_tool_checkpoint}",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "data.builtin_train=64",
+        "data.builtin_val=8",
+        "data.eval_examples=4",
+        "data.batch_size=4",
+        "stage.warmup_steps=1",
+        "stage.fake_quant={bits:4,group:32,lm_head:int8,embeddings:fp32}",
+    )
+    metrics = train(cfg)
+    assert metrics["train/kl"] > 0  # the fake-quantized student is not the teacher
+    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    q = trained.model.layers[0].self_attn.q_proj.weight
+    original = load_checkpoint(tiny_tool_checkpoint).model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q, original)  # trained ...
+    quantized = Quantize(bits=4, group=32, method="rtn")(Compression(copy.deepcopy(trained.model), trained.tokenizer))
+    assert not torch.equal(q, quantized.model.layers[0].self_attn.q_proj.weight)  # ... and latent, not rounded
+    fake_quantize(trained.model, bits=4, group=32)  # what the run computed with
+    probe = calibration_batches(trained.tokenizer, 4, 64, 0)[0]
+    with torch.no_grad():
+        assert torch.equal(trained.model(probe).logits, quantized.model(probe).logits)
+
+
+def test_fake_quant_checkpoint_keys_round_trip_for_resume(tiny_tool_checkpoint: Path) -> None:
+    from stagelm.stages.distill import DistillModule
+
+    loaded = load_checkpoint(tiny_tool_checkpoint)
+    module = DistillModule(
+        model_config=loaded.model_config,
+        tokenizer=loaded.tokenizer,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        init_from=str(tiny_tool_checkpoint),
+        teacher=str(tiny_tool_checkpoint),
+        fake_quant={"bits": 4, "group": 32},
+    )
+    assert "model.lm_head.parametrizations.weight.original" in module.state_dict()
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    saved = checkpoint["state_dict"]
+    assert not any("parametrizations" in k for k in saved)
+    assert {k for k in saved if k.startswith("model.")} == {f"model.{k}" for k in loaded.model.state_dict()}
+    assert torch.equal(saved["model.lm_head.weight"], loaded.model.lm_head.weight)  # the latent, not rounded
+    module.on_load_checkpoint(checkpoint)  # resuming: back under the parametrized keys
+    result = module.load_state_dict(checkpoint["state_dict"], strict=False)  # as Lightning does: no teacher saved
+    assert not result.unexpected_keys and all(k.startswith("teacher.") for k in result.missing_keys)
+
+
 @pytest.mark.parametrize("recipe", ["deploy", "max", "survey"])
 def test_every_recipe_composes_and_its_steps_build(recipe: str) -> None:
     from hydra import compose, initialize_config_dir
@@ -228,7 +287,14 @@ def test_every_recipe_composes_and_its_steps_build(recipe: str) -> None:
     steps = [instantiate(s) for s in cfg.recipe.steps.values()]
     assert steps and all(callable(s) for s in steps)
     if recipe == "max":  # prune, recover by distillation, then quantize: storage is chosen last
-        assert list(cfg.recipe.steps) == ["activation", "distill", "int4"]
+        assert list(cfg.recipe.steps) == ["experts", "distill", "int4"]
+        distill, int4 = steps[1], steps[2]
+        # the distillation trains with exactly the int4 step's rounding, which then stores what was trained
+        assert distill.fake_quant == {"bits": 4, "group": 32, "lm_head": int4.lm_head, "embeddings": "bf16"}
+        assert int4.method == "rtn" and (int4.bits, int4.group) == (4, 32)
+        assert "stage.fake_quant={bits:4,group:32,lm_head:int8,embeddings:bf16}" in distill.command(
+            Path("s"), Path("r")
+        )
 
 
 def test_distill_stage_trains_a_fresh_smaller_student(tiny_tool_checkpoint: Path, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 - `activation`, `redundancy`, `experts`: structured pruning that really shrinks the shapes in `ModelConfig`;
 - `magnitude`: zero pruning, stored sparse;
 - `lowrank`: (whitened) SVD factorization;
-- `quantize`: int8 per-channel and int4 group-wise weight-only quantization, every expert included;
+- `quantize`: int8 per-channel and int4 group-wise weight-only quantization, every expert included, and its
+  fake-quantized training forward (quantization-aware distillation);
 - `recovery`: distillation recovery (`stage=distill`) after pruning;
 - `base`: the `Compression` being built and the calibration statistics the steps score with;
 - `storage`: the packed encodings in a checkpoint and their decoding at load;

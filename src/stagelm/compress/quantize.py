@@ -1,15 +1,25 @@
 """Weight-only quantization, int8 per output channel or int4 group-wise, of every weight matrix and every
 routed expert (steps `int8`, `int4`); int4 rounds to nearest or, with `method: gptq`, column by column with each
-rounding error compensated on the columns still to come (GPTQ)."""
+rounding error compensated on the columns still to come (GPTQ).
+
+`fake_quantize` is the training side (quantization-aware distillation, `stage=distill stage.fake_quant=...`): the
+model computes with the very values round-to-nearest `Quantize` would store, and its latent fp32 weights learn
+through the rounding by the straight-through estimator."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from functools import partial
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from stagelm.compress import storage
 from stagelm.compress.base import Calibration, Compression, expert_intermediates, magnitude_targets
 from stagelm.compress.storage import Encoded
+from stagelm.model import Transformer
 from stagelm.model.moe import MoE
 
 
@@ -107,15 +117,23 @@ class Quantize:
                     grams[f"layers.{i}.feed_forward.{key}"] = per_expert
         return grams
 
+    def targets(self, model: Transformer) -> list[tuple[str, int, int]]:
+        """(parameter name, bits, input dimension) of every weight this step quantizes (the embedding table's
+        bf16 storage aside)."""
+        params = dict(model.named_parameters())
+        out = []
+        for name in magnitude_targets(model, include_lm_head=self.lm_head != "fp32"):
+            bits = self.bits if name != "lm_head.weight" else int(self.lm_head[3:])
+            out.append((name, bits, 1 if params[name].dim() == 3 else -1))  # experts compute x @ W[e]: [E, in, out]
+        return out
+
     @torch.no_grad()
     def __call__(self, c: Compression, calib: Calibration | None = None) -> Compression:
         params = dict(c.model.named_parameters())
         grams = self.grams(c, calib)
         dropped_sparse = 0
-        for name in magnitude_targets(c.model, include_lm_head=self.lm_head != "fp32"):
-            bits = self.bits if name != "lm_head.weight" else int(self.lm_head[3:])
+        for name, bits, in_dim in self.targets(c.model):
             w = params[name]
-            in_dim = 1 if w.dim() == 3 else -1  # experts compute x @ W[e]: [E, in, out]
             previous = c.encodings.get(name)
             if previous is not None and previous.kind == "lowrank":
                 parts = {k: self.encode(storage.decode(p), -1, bits) for k, p in previous.parts.items()}
@@ -136,3 +154,64 @@ class Quantize:
             + (f"; {dropped_sparse} sparse matrices re-stored dense-quantized" if dropped_sparse else "")
         )
         return c
+
+
+# --- quantization-aware training ------------------------------------------------------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the weight as its encoding decodes; backward: the gradient passed to the latent weight unchanged
+    (the straight-through estimator: rounding's own gradient is zero almost everywhere). The grids here are
+    scaled by each group's amax, so no weight is ever clipped and there is no range to mask the gradient to."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, latent: Tensor, encode: Callable[[Tensor], Encoded]
+    ) -> Tensor:
+        # contiguous, as the stored weight is once loaded: the same kernels, the same sums, the same logits
+        return storage.decode(encode(latent)).to(latent.dtype).contiguous()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class FakeQuantized(nn.Module):
+    """A parametrization (`torch.nn.utils.parametrize`) whose module computes with `decode(encode(latent))`."""
+
+    def __init__(self, encode: Callable[[Tensor], Encoded]) -> None:
+        super().__init__()
+        self.encode = encode
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return _StraightThrough.apply(latent, self.encode)
+
+
+def fake_quantize(
+    model: Transformer, bits: int = 4, group: int = 32, lm_head: str = "int8", embeddings: str = "fp32"
+) -> list[str]:
+    """Make `model` compute with the weights `Quantize(bits, group, lm_head, embeddings)` (round to nearest)
+    would store, on exactly the tensors it quantizes; returns their names. The latent weights stay the
+    parameters (`latent_key` names them as in a plain model), so quantizing them afterwards by round to nearest
+    stores what was trained."""
+    step = Quantize(bits, group, lm_head, embeddings)
+    encoders: dict[str, Callable[[Tensor], Encoded]] = {
+        name: partial(step.encode, in_dim=in_dim, bits=b) for name, b, in_dim in step.targets(model)
+    }
+    if embeddings == "bf16":
+        if model.config.tie_embeddings:  # the LM head would keep computing with the latent table
+            raise ValueError("fake quantization of bf16 embeddings needs untied embeddings")
+        encoders["embed_tokens.weight"] = partial(storage.encode_half, dtype=torch.bfloat16)
+    for name, encode in encoders.items():
+        module, _, attr = name.rpartition(".")
+        parametrize.register_parametrization(model.get_submodule(module), attr, FakeQuantized(encode))
+    return list(encoders)
+
+
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
+
+
+def latent_key(key: str) -> str:
+    """The plain state-dict key of a parametrized tensor's latent value (`lm_head.parametrizations.weight.original`
+    -> `lm_head.weight`); other keys unchanged."""
+    return _PARAMETRIZED.sub(r"\1\2", key)

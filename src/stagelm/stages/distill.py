@@ -8,16 +8,25 @@ teacher's logits). `on_policy=true` with `divergence=reverse` is GKD's on-policy
 replies to the batch's prompts and KL(student || teacher) is taken on its own tokens, so it learns from the states
 it will actually visit. Compression uses the stage as its recovery step after pruning (`stagelm-compress`).
 
+`fake_quant={bits: 4, group: 32, lm_head: int8, embeddings: fp32}` (the `int4` step's settings) is
+quantization-aware distillation: the student computes with its weights as round-to-nearest quantization will
+store them (`stagelm.compress.quantize.fake_quantize`, gradients straight through to the latent weights), so it
+learns to answer well once quantized; validation measures that quantized model. Checkpoints hold the plain
+latent weights, which the quantization step afterwards (`method: rtn`, same settings) turns into exactly the
+model that was trained.
+
 Validation is SFT's (`val/loss`, `val/exact_match`, `val/format_ok`, ...), plus `val/kl_to_teacher`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
 
 from stagelm.checkpoint import load_checkpoint, verify_against_manifest
+from stagelm.compress.quantize import fake_quantize, latent_key
 from stagelm.data.instruct import IGNORE_INDEX
 from stagelm.errors import ConfigError
 from stagelm.generation import generate
@@ -38,6 +47,7 @@ class DistillModule(SFTModule):
         temperature: float = 1.0,
         on_policy: bool = False,
         on_policy_max_new_tokens: int = 48,
+        fake_quant: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -55,6 +65,12 @@ class DistillModule(SFTModule):
             raise ConfigError(f"teacher={teacher} uses a different tokenizer than the student")
         self.teacher = loaded.model.requires_grad_(False).eval()
         self.val_kl = MeanMetric()
+        self.fake_quantized: list[str] = []
+        if fake_quant:
+            try:
+                self.fake_quantized = fake_quantize(self.model, **fake_quant)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"stage.fake_quant={dict(fake_quant)}: {e}") from None
 
     def kl(
         self, logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, attention_mask=None
@@ -113,3 +129,11 @@ class DistillModule(SFTModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["stagelm"]["teacher"] = self.teacher_path
+        if self.fake_quantized:  # the latent weights under their plain keys: an ordinary model's checkpoint
+            checkpoint["state_dict"] = {latent_key(k): v for k, v in checkpoint["state_dict"].items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.fake_quantized:  # resuming: the plain keys back to where the parametrized model keeps them
+            parametrized = {latent_key(k): k for k in self.state_dict()}
+            checkpoint["state_dict"] = {parametrized.get(k, k): v for k, v in checkpoint["state_dict"].items()}
