@@ -159,20 +159,38 @@ def test_missing_arguments(tmp_path: Path) -> None:
     assert result.returncode == 2 and "usage: stagelm-compress ckpt=PATH recipe=NAME out=DIR" in result.stderr
 
 
-def test_distill_stage_loss_is_zero_when_student_is_teacher(tiny_tool_checkpoint: Path) -> None:
-    from stagelm.data.instruct import SFTCollator
+# a four-step stage=distill run on a few built-in conversations
+SHORT_DISTILL = (
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "data.builtin_train=64",
+    "data.builtin_val=8",
+    "data.eval_examples=4",
+    "data.batch_size=4",
+    "stage.warmup_steps=1",
+)
+
+
+def self_distillation(ckpt: Path, **settings):
+    """stage=distill's module with `ckpt` as both the student's start and the teacher."""
     from stagelm.stages.distill import DistillModule
 
-    loaded = load_checkpoint(tiny_tool_checkpoint)
-    module = DistillModule(
+    loaded = load_checkpoint(ckpt)
+    return DistillModule(
         model_config=loaded.model_config,
         tokenizer=loaded.tokenizer,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        init_from=str(tiny_tool_checkpoint),
-        teacher=str(tiny_tool_checkpoint),
-        divergence="reverse",
-        on_policy=True,
+        init_from=str(ckpt),
+        teacher=str(ckpt),
+        **settings,
     )
+
+
+def test_distill_stage_loss_is_zero_when_student_is_teacher(tiny_tool_checkpoint: Path) -> None:
+    from stagelm.data.instruct import SFTCollator
+
+    loaded = load_checkpoint(tiny_tool_checkpoint)
+    module = self_distillation(tiny_tool_checkpoint, divergence="reverse", on_policy=True)
     examples = [
         render_for_training(loaded.tokenizer, tool_conversation(*c), [CALCULATOR_SCHEMA]) for c in TOOL_CONVERSATIONS
     ]
@@ -203,13 +221,7 @@ def test_distill_stage_trains_from_a_pruned_student(tiny_tool_checkpoint: Path, 
         "stage=distill",
         f"init_from={student}",
         f"teacher={tiny_tool_checkpoint}",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=4",
-        "data.builtin_train=64",
-        "data.builtin_val=8",
-        "data.eval_examples=4",
-        "data.batch_size=4",
-        "stage.warmup_steps=1",
+        *SHORT_DISTILL,
     )
     metrics = train(cfg)
     assert metrics["train/kl"] > 0 and "val/kl_to_teacher" in metrics
@@ -228,13 +240,7 @@ def test_distill_stage_with_fake_quant_saves_the_latent_weights(tiny_tool_checkp
         "stage=distill",
         f"init_from={tiny_tool_checkpoint}",
         f"teacher={tiny_tool_checkpoint}",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=4",
-        "data.builtin_train=64",
-        "data.builtin_val=8",
-        "data.eval_examples=4",
-        "data.batch_size=4",
-        "stage.warmup_steps=1",
+        *SHORT_DISTILL,
         "stage.fake_quant={bits:4,group:32,lm_head:int8,embeddings:fp32}",
     )
     metrics = train(cfg)
@@ -252,17 +258,9 @@ def test_distill_stage_with_fake_quant_saves_the_latent_weights(tiny_tool_checkp
 
 
 def test_fake_quant_checkpoint_keys_round_trip_for_resume(tiny_tool_checkpoint: Path) -> None:
-    from stagelm.stages.distill import DistillModule
 
     loaded = load_checkpoint(tiny_tool_checkpoint)
-    module = DistillModule(
-        model_config=loaded.model_config,
-        tokenizer=loaded.tokenizer,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        init_from=str(tiny_tool_checkpoint),
-        teacher=str(tiny_tool_checkpoint),
-        fake_quant={"bits": 4, "group": 32},
-    )
+    module = self_distillation(tiny_tool_checkpoint, fake_quant={"bits": 4, "group": 32})
     assert "model.lm_head.parametrizations.weight.original" in module.state_dict()
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
