@@ -95,13 +95,13 @@ class Quantize:
         if bits == 4 and w.shape[in_dim] % self.group == 0:
             if grams is None:
                 return storage.encode_int4(w, self.group, in_dim)
-            # GPTQ works on [out, in] matrices: a Linear's weight, or each expert's x @ W[e] transposed
-            mats = [w] if w.dim() == 2 else [w[e].t() for e in range(w.shape[0])]
-            done = [gptq_int4(m, g, self.group) for m, g in zip(mats, grams)]
             if w.dim() == 2:
-                return storage.encode_int4(done[0][0], self.group, in_dim, scale=done[0][1])
-            values = torch.stack([v.t() for v, _ in done])  # [E, in, out]
-            return storage.encode_int4(values, self.group, in_dim, scale=torch.stack([s for _, s in done]))
+                values, scale = gptq_int4(w, grams[0], self.group)
+            else:  # GPTQ works on [out, in] matrices: each expert's x @ W[e], transposed
+                done = [gptq_int4(w[e].t(), g, self.group) for e, g in enumerate(grams)]
+                values = torch.stack([v.t() for v, _ in done])  # [E, in, out]
+                scale = torch.stack([s for _, s in done])  # [E, out, G, 1]
+            return storage.encode_int4(values, self.group, in_dim, scale=scale)
         return storage.encode_int8(w, in_dim)
 
     def grams(self, c: Compression, calib: Calibration | None) -> dict[str, list[Tensor]]:
@@ -140,7 +140,7 @@ class Quantize:
                 e = Encoded("lowrank", previous.shape, meta=previous.meta, parts=parts)
             else:
                 dropped_sparse += previous is not None and previous.kind == "sparse"
-                e = self.encode(w.detach(), in_dim, bits, grams.get(name) if bits == 4 else None)
+                e = self.encode(w.detach(), in_dim, bits, grams.get(name))
             w.copy_(storage.decode(e))
             c.encodings[name] = e
         if self.embeddings == "bf16":
