@@ -129,13 +129,25 @@ def test_decision_rule_and_tool_results(records: dict) -> None:
 def test_multi_turn_shapes(records: dict) -> None:
     recs = records["train"]
     turns = [r["turns"] for r in recs]
-    assert set(turns) == {1, 2, 3, 4} and 0.3 < sum(t > 1 for t in turns) / len(turns) < 0.5
+    assert set(turns) == {1, 2, 3, 4} and 0.25 < sum(t > 1 for t in turns) / len(turns) < 0.5
     users = [m["content"] for r in recs for m in r["messages"] if m["role"] == "user"]
     assert any(u.startswith(("And ", "What about ")) for u in users)
     assert any(u.endswith("from that.") for u in users)
     words = [r for r in recs if r["messages"][0] == {"role": "system", "content": "Answer in words."}]
-    assert words and all(r["messages"][-1]["content"] == f"{r['answer']}." for r in words)
-    assert all(not any(c.isdigit() for c in r["answer"]) for r in words)
+    # the working first, then the answer in words: "54 + 91 = 145, in words one hundred forty-five."
+    for r in words:
+        for m in (m for m in r["messages"] if m["role"] == "assistant"):
+            equation, spelled = m["content"].removesuffix(".").split(", in words ")
+            a, op, b, _, c = equation.split()
+            assert int(c) == world._OPS[op](int(a), int(b)) and spelled == world.number_to_words(int(c))
+        assert r["messages"][-1]["content"].endswith(f", in words {r['answer']}.")
+    assert words and all(not any(c.isdigit() for c in r["answer"]) for r in words)
+    # "Reply with the number only." is for results a tool gives: every such turn calls one
+    bare = [r for r in recs if r["messages"][0] == {"role": "system", "content": "Reply with the number only."}]
+    assert bare and all(r["family"] in ("tool", "convert", "tool_error") for r in bare)
+    for r in bare:
+        replies = [i for i, m in enumerate(r["messages"]) if m["role"] == "assistant" and m.get("content")]
+        assert all(r["messages"][i - 1]["role"] == "tool" for i in replies), r
     for record in recs:
         if record["turns"] > 1:  # asked alone: the same system prompt, the question spelled out, the same answer
             alone = to_conversation({"messages": record["standalone"], "answer": record["answer"]}, "alone")

@@ -102,9 +102,15 @@ TURNS_MIX = {1: 0.6, 2: 0.25, 3: 0.1, 4: 0.05}
 FOLLOW_UP_RATE = 0.6  # a later turn refers back to the one before ("And 35?", "Now subtract 7 from that.")
 TOOL_OFFER_RATE = 0.6
 TOOL_ERROR_RATE = 0.1  # of conversions: units that do not convert, reported honestly
+# A system prompt changes the reply, but the assistant still writes its working before an answer it computes:
+# "Answer in words." gets "54 + 91 = 145, in words one hundred forty-five." and "Reply with the number only." is
+# for answers a tool gives (the result copied), never for sums done in the head. Measured on the demo (seeds 0/1/2,
+# the same pre-trained models): with both prompts asking for the bare answer ("one hundred forty-five.", "145.") on
+# two-digit sums and differences, the SFT model got 0.10 of those conversations right against 0.52 of the others,
+# and exact match 0.46/0.405/0.425 overall; with the working written first, 0.595/0.575/0.475.
 SYSTEM_PROMPTS = {"words": "Answer in words.", "number": "Reply with the number only."}
 SYSTEM_MIX = {None: 0.8, "words": 0.1, "number": 0.1}
-_SYSTEM_FAMILIES = {"words": ("add", "sub"), "number": ("add", "sub", "tool", "convert")}
+_SYSTEM_FAMILIES = {"words": ("add", "sub"), "number": ("tool", "convert")}
 # rendered with its tools, a conversation stays within SFT's max_length (conf/data/instruct.yaml)
 MAX_CONVERSATION_TOKENS = 300
 
@@ -873,7 +879,7 @@ class _Turn:
 
 def _mode_reply(mode: str | None, step: Step, canonical: str) -> str:
     if mode == "words":
-        return f"{number_to_words(step[3])}."
+        return "{} {} {} = {}, in words {}.".format(*step, number_to_words(step[3]))
     if mode == "number":
         return f"{step[3]}."
     return canonical
@@ -1089,6 +1095,8 @@ def _conversation(
             turn = _follow_up(rng, split, mode, turns[-1])
             if turn is not None and turn.family not in mix:  # "Multiply that by 8." needs a tool: not in a subset
                 turn = None
+            if turn is not None and mode is not None and turn.family not in _SYSTEM_FAMILIES[mode]:
+                turn = None  # "Now add 5 to that." under "Reply with the number only.": a sum done in the head
         while turn is None:
             turn = _fresh_turn(rng, split, mode, rng.choices(names, weights=weights)[0])
         needs_converter = any(name == "convert" for name, _ in turn.calls)
