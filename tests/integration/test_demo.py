@@ -1,0 +1,66 @@
+"""The default pipeline, what `make demo` runs (slow: about 15 minutes on 2 cores), holds the demo's thresholds for
+seed 0: SFT's exact match and format, the reward model's accuracy, PPO's and DPO's true-preference win rates over SFT
+(PPO with its reward-model score up), GRPO's gain, and a final model no worse than SFT beyond the uncertainty.
+
+Thresholds the demo does not reach on every run yet are marked xfail (not strict), with the figures measured on
+the development CPU (docs/results.md): the test reports them as xpassed when a run meets them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stagelm.cli.pipeline import main
+from tests.conftest import run_main_in_process
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("demo") / "pipeline"
+    result = run_main_in_process(main, f"out_dir={out}", "seed=0", cwd=out.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def headline(report: dict, stage: str, metric: str) -> dict:
+    return report["stages"][stage]["headline"][metric]
+
+
+def test_every_stage_improves_beyond_its_noise(demo_report: dict) -> None:
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
+        assert demo_report["stages"][stage]["improved"] is True, (stage, demo_report["stages"][stage]["headline"])
+
+
+def test_sft_format_and_reward_model(demo_report: dict) -> None:
+    assert headline(demo_report, "sft", "val/format_ok")["after"] >= 0.90
+    assert headline(demo_report, "reward", "val/accuracy")["after"] >= 0.90
+
+
+def test_grpo_gains_eight_points(demo_report: dict) -> None:
+    accuracy = headline(demo_report, "grpo", "val/accuracy")
+    assert accuracy["after"] - accuracy["before"] >= 0.08, accuracy
+    assert accuracy["change"]["interval"][0] > 0
+
+
+def test_final_model_not_below_sft(demo_report: dict) -> None:
+    final = demo_report["scorecard"]["stages"]["grpo"]["all"]
+    assert not final["lower"], final["vs_sft"]
+
+
+@pytest.mark.xfail(reason="measured 0.60/0.58/0.515 over seeds 0/1/2 (docs/results.md)", strict=False)
+def test_sft_exact_match(demo_report: dict) -> None:
+    assert headline(demo_report, "sft", "val/exact_match")["after"] >= 0.60
+
+
+@pytest.mark.xfail(reason="measured 0.645/0.565/0.695 over seeds 0/1/2 (docs/results.md)", strict=False)
+def test_ppo_wins_with_its_reward_up(demo_report: dict) -> None:
+    assert headline(demo_report, "ppo", "val/win_rate_vs_sft")["after"] >= 0.60
+    assert headline(demo_report, "ppo", "val/rm_score")["change"]["interval"][0] > 0
+
+
+@pytest.mark.xfail(reason="measured 0.707/0.598/0.67 over seeds 0/1/2 (docs/results.md)", strict=False)
+def test_dpo_wins(demo_report: dict) -> None:
+    assert headline(demo_report, "dpo", "val/win_rate_vs_sft")["after"] >= 0.65
