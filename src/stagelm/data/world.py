@@ -1095,10 +1095,10 @@ def _conversation(
         turn = None
         if turns and rng.random() < FOLLOW_UP_RATE:
             turn = _follow_up(rng, split, mode, turns[-1])
-            if turn is not None and turn.family not in mix:  # "Multiply that by 8." needs a tool: not in a subset
+            # the families this conversation draws from: "Multiply that by 8." needs a tool, not in a subset without
+            # one; "Now add 5 to that." under "Reply with the number only." would be a sum done in the head
+            if turn is not None and turn.family not in turn_mix:
                 turn = None
-            if turn is not None and mode is not None and turn.family not in _SYSTEM_FAMILIES[mode]:
-                turn = None  # "Now add 5 to that." under "Reply with the number only.": a sum done in the head
         while turn is None:
             turn = _fresh_turn(rng, split, mode, rng.choices(names, weights=weights)[0])
         needs_converter = any(name == "convert" for name, _ in turn.calls)
