@@ -78,7 +78,8 @@ PREFERENCE_MIX = {"add": 0.2, "sub": 0.2, "words": 0.12, "word_problem": 0.12, "
 # - short questions mostly get a chatty opener ("Sure, happy to help with that! 39 + 81 = 120."): correct, but
 #   not concise; preference tuning (RM + PPO, DPO) should remove it. 70%, so that greedy decoding keeps it: at 50%
 #   the demo's SFT model opened 2.5% of its greedy replies with it (seed 0), leaving PPO and DPO nothing to win but
-#   arithmetic (PPO win rate 0.53/0.515/0.495 over seeds 0/1/2); at 70%, 37% and PPO 0.645/0.565/0.695;
+#   arithmetic (PPO win rate 0.53/0.515/0.495 over seeds 0/1/2); at 70%, 37% and PPO 0.645/0.565/0.695 (with GAE
+#   lambda 1);
 # - multi-step problems often get a bare answer with no working ("The answer is 14."): concise, but a small model
 #   that answers without working is mostly wrong, so GRPO's verifier should teach it to show its work.
 STYLE_MIX: dict[str, dict[str, float]] = {
