@@ -1257,6 +1257,70 @@ def preference_examples(
     return records
 
 
+@functools.cache
+def _words_values() -> dict[str, int]:
+    return {number_to_words(v): v for v in range(10000)}
+
+
+def _wrong_answer(answer: str, rng: random.Random, split: str) -> str | None:
+    """A wrong final answer of the same kind, off by a little (digits or number words); None for other kinds."""
+    if answer.isdigit():
+        value, in_words = int(answer), False
+    elif answer in _words_values():
+        value, in_words = _words_values()[answer], True
+    else:
+        return None
+    candidates = [value + d for d in (-10, -2, -1, 1, 2, 10) if value + d >= 0]
+    if in_words:  # a train reply never spells a held-out number, even wrongly
+        candidates = [v for v in candidates if v < 10000 and (split == "val" or _words_split(v) == "train")]
+    return (number_to_words if in_words else str)(rng.choice(candidates)) if candidates else None
+
+
+def conversation_preference_examples(
+    split: str, n: int, seed: int = 0, families: Sequence[str] | Mapping[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Preference pairs inside SFT's own kind of conversation (several turns, system prompts, tools offered and
+    called): ``{"prompt", "chosen", "rejected", "tools", "rule", "answer", "family"}``.
+
+    ``prompt`` is a canonical conversation up to its last user turn, ``chosen`` the assistant's canonical answer to
+    it (with its tool calls and their results, when it needs a tool) and ``rejected`` the same turn whose final
+    answer is off by a little: rule "correct", or "tool_result" where a tool's result is in context and the reply
+    does not carry it. Preference tuning on single-turn pairs alone never sees these contexts, and the demo's DPO
+    model lost SFT's tool calls and later turns (docs/results.md). Conversations whose answer is not a number or
+    number words (lists, a tool's error) are left out.
+    """
+    _check_split(split)
+    rng = _rng(seed, "conversation_preferences", split)
+    records: list[dict[str, Any]] = []
+    for record in instruction_examples(split, 2 * n, seed=seed, quality=1.0, wrong_rate=0.0, families=families):
+        answer, messages = record["answer"], record["messages"]
+        reply = messages[-1]["content"]
+        wrong = _wrong_answer(answer, rng, split) if answer is not None else None
+        at = [m.start() for m in re.finditer(rf"(?<![\w-]){re.escape(answer)}(?![\w-])", reply)] if wrong else []
+        if not at:
+            continue
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        chosen = messages[last_user + 1 :]
+        rejected = [
+            *chosen[:-1],
+            {"role": "assistant", "content": reply[: at[-1]] + wrong + reply[at[-1] + len(answer) :]},
+        ]
+        records.append(
+            {
+                "prompt": messages[: last_user + 1],
+                "chosen": chosen,
+                "rejected": rejected,
+                "tools": record.get("tools"),
+                "rule": "tool_result" if len(chosen) > 1 else "correct",
+                "answer": answer,
+                "family": record["family"],
+            }
+        )
+        if len(records) == n:
+            break
+    return records
+
+
 def math_problems(split: str, n: int, seed: int = 0, levels: Sequence[int] = (1, 2, 3)) -> list[dict[str, Any]]:
     """GRPO prompts with verifiable answers: ``{"prompt", "answer", "level", "solution"}``.
 
