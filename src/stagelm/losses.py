@@ -77,6 +77,12 @@ def sequence_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, logp, torch.zeros_like(logp))
 
 
+def assistant_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy (fp32) over the positions whose label is not ignore_index: SFT's loss, and the
+    replay loss the RL stages keep. logits [B, T, V], labels [B, T]."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=ignore_index)
+
+
 def sum_by_sequence(token_values: Tensor, mask: Tensor) -> Tensor:
     """Masked sum over the time axis: per-token log-probs [B, T] -> sequence log-probs [B] (as DPO uses them)."""
     return masked_sum(token_values, mask, dim=-1)

@@ -149,8 +149,11 @@ def test_grpo_placebo_and_other_settings_run(tmp_path: Path, tiny_sft: Path) -> 
         "stage.rewards.length=0.5",
         "stage.rewards.format=0",
         "stage.pass_k=0",
+        "stage.replay.coef=0.5",
+        "stage.replay.builtin_examples=40",
     )
     metrics = train(cfg)
+    assert 0 < metrics["grpo/replay_loss"] < 20  # SFT replay on: the cross-entropy of real conversations
     assert "grpo/reward_length" in metrics and "grpo/reward_format" not in metrics
     assert "grpo/kl" not in metrics  # beta=0: no reference at all
     assert metrics["grpo/logprob_max_diff"] < 1e-3

@@ -165,10 +165,13 @@ def test_ppo_options_and_resume(tmp_path: Path, tiny_sft_and_reward: tuple[Path,
         "stage.missing_eos_mode=replace",
         "stage.normalize_scores=false",
         "stage.samples_per_prompt=2",
+        "stage.replay.coef=0.5",
+        "stage.replay.builtin_examples=40",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
     ]
     metrics = train(compose_train(tmp_path / "a", *options))
+    assert 0 < metrics["ppo/replay_loss"] < 20  # SFT replay on: the cross-entropy of real conversations
     default_kl_coef = compose_train(tmp_path, "stage=ppo").stage.kl_coef
     assert metrics["ppo/kl_coef"] == pytest.approx(default_kl_coef)  # fixed controller
     last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"

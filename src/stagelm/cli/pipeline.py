@@ -2,14 +2,14 @@
 
     pretrain -> sft -> reward -> ppo -> grpo,   and dpo as a branch from sft
 
-Each stage runs as its own `stagelm-train` process, initialised from the checkpoint of the stage before, in
-`<out_dir>/<stage>/`. The pipeline is resumable and idempotent: a stage whose output exists for the same
-effective config (a hash of its overrides and of the stages it builds on) is skipped; changing a stage's
-settings re-runs it and every stage after it; an interrupted stage resumes from its `last.ckpt` (`ckpt_path=auto`).
-Before the first stage runs, every stage's config is composed with exactly the overrides it will get, so a bad
-late-stage setting fails in seconds; values are passed in Hydra's quoted grammar, so any string survives. A stage
-starts only from checkpoints whose bytes match their stage's manifest. At the end it writes `report.md`,
-`report.json` and plots (see `stagelm.report`).
+Each stage runs as its own `stagelm-train` process (forked from a server that has imported it), initialised from the
+checkpoint of the stage before, in `<out_dir>/<stage>/`. The pipeline is resumable and idempotent: a stage whose
+output exists for the same effective config (a hash of its overrides and of the stages it builds on) is skipped;
+changing a stage's settings re-runs it and every stage after it; an interrupted stage resumes from its `last.ckpt`
+(`ckpt_path=auto`). Before the first stage runs, every stage's config is composed with exactly the overrides it will
+get, so a bad late-stage setting fails in seconds; values are passed in Hydra's quoted grammar, so any string
+survives. A stage starts only from checkpoints whose bytes match their stage's manifest. At the end it writes
+`report.md`, `report.json` and plots (see `stagelm.report`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import re
 import shutil
 import subprocess
@@ -203,6 +205,37 @@ def check_inputs(stage: StagePlan) -> None:
                 raise SystemExit(f"error: stage {stage.name}: {e}") from None
 
 
+def _train_in_forked_child(argv: list[str], environ: dict[str, str], cwd: str) -> None:
+    """A child of the fork server becomes `stagelm-train ARGV`, in the pipeline's current environment and folder
+    (the server keeps those of the moment it started)."""
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    if environ.get("OMP_NUM_THREADS", "").isdigit():
+        import torch
+
+        torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
+    from stagelm.cli.train import main
+
+    sys.argv = ["stagelm-train", *argv]
+    main()
+
+
+def launch_train(argv: list[str]) -> int:
+    """Run `stagelm-train ARGV` in a process of its own and return its exit status. Where the platform allows, the
+    process is forked from a server that imported torch and Lightning once (several seconds, which each of the six
+    stages would pay again in a new interpreter) and has run no torch op (a process forked after OpenMP has run
+    hangs at its first parallel op); elsewhere a new interpreter is started."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["stagelm.cli.train"])
+        child = context.Process(target=_train_in_forked_child, args=(argv, dict(os.environ), os.getcwd()))
+        child.start()
+        child.join()
+        return child.exitcode
+    return subprocess.run([sys.executable, "-m", "stagelm.cli.train", *argv]).returncode
+
+
 def run_stage(stage: StagePlan, out_dir: Path, logger: str, group: str) -> None:
     stage_dir = out_dir / stage.name
     marker = stage_dir / "stage.json"
@@ -216,16 +249,11 @@ def run_stage(stage: StagePlan, out_dir: Path, logger: str, group: str) -> None:
         log.info("resuming %s from its last.ckpt", stage.name)
     stage_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": stage.key, "status": "running", "overrides": stage.overrides}, indent=2))
-    command = [
-        sys.executable,
-        "-m",
-        "stagelm.cli.train",
-        f"hydra.run.dir={_override_value(str(stage_dir))}",
-        *train_command_overrides(stage, logger, group),
-    ]
-    result = subprocess.run(command)
-    if result.returncode != 0:
-        raise SystemExit(f"error: stage {stage.name} failed (exit {result.returncode}); re-run to resume it")
+    returncode = launch_train(
+        [f"hydra.run.dir={_override_value(str(stage_dir))}", *train_command_overrides(stage, logger, group)]
+    )
+    if returncode != 0:
+        raise SystemExit(f"error: stage {stage.name} failed (exit {returncode}); re-run to resume it")
     marker.write_text(json.dumps({"key": stage.key, "status": "done", "overrides": stage.overrides}, indent=2))
 
 

@@ -116,6 +116,26 @@ def builtin_conversations(split: str, n: int, seed: int, quality: float | None =
     return [to_conversation(r, f"builtin {split} #{i}") for i, r in enumerate(records)]
 
 
+def encode_conversations(
+    tokenizer: Tokenizer, conversations: list[Conversation], max_length: int
+) -> tuple[list[tuple[list[int], list[bool]]], int]:
+    """Conversations -> (token ids, loss mask) pairs of at most max_length + 1 tokens (inputs and shifted labels),
+    leaving out those with no assistant token left to learn from; and how many were cut to max_length."""
+    encoded, truncated = [], 0
+    for i, conv in enumerate(conversations):
+        try:
+            ex = render_for_training(tokenizer, conv.messages, conv.tools)
+        except ChatFormatError as e:
+            raise DataError(f"conversation {i}: {e}") from None
+        ids, mask = ex.input_ids, ex.loss_mask
+        if len(ids) > max_length + 1:
+            ids, mask = ids[: max_length + 1], mask[: max_length + 1]
+            truncated += 1
+        if any(mask[1:]):
+            encoded.append((ids, mask))
+    return encoded, truncated
+
+
 class SFTCollator:
     """Right-pads a batch; labels are the next token where the loss mask is on, IGNORE_INDEX elsewhere."""
 
@@ -230,18 +250,8 @@ class InstructDataModule(L.LightningDataModule):
         self._val = self._encode(self.val_conversations, count_truncated=False)
 
     def _encode(self, conversations: list[Conversation], count_truncated: bool) -> list[tuple[list[int], list[bool]]]:
-        encoded = []
-        for i, conv in enumerate(conversations):
-            try:
-                ex = render_for_training(self.tokenizer, conv.messages, conv.tools)
-            except ChatFormatError as e:
-                raise DataError(f"conversation {i}: {e}") from None
-            ids, mask = ex.input_ids, ex.loss_mask
-            if len(ids) > self.max_length + 1:
-                ids, mask = ids[: self.max_length + 1], mask[: self.max_length + 1]
-                self.truncated += count_truncated
-            if any(mask[1:]):
-                encoded.append((ids, mask))
+        encoded, truncated = encode_conversations(self.tokenizer, conversations, self.max_length)
+        self.truncated += truncated if count_truncated else 0
         return encoded
 
     def eval_set(self) -> list[Conversation]:

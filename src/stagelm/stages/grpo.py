@@ -10,7 +10,9 @@ uses each reply's reward relative to its group as the advantage of every one of 
    Liu et al. 2025); a group whose rewards are all equal carries no signal;
 3. `mu` optimisation passes on that batch, each minimising the clipped surrogate with separate lower and upper
    clip ranges (DAPO's clip-higher, Yu et al. 2025) plus `beta` times the k3 KL estimate to the frozen reference
-   (skipped, reference and all, when beta is 0), aggregated per sequence (grpo) or per token (dapo, dr_grpo).
+   (skipped, reference and all, when beta is 0), aggregated per sequence (grpo) or per token (dapo, dr_grpo);
+   with `replay.coef > 0`, plus that times the cross-entropy on a batch of SFT-style conversations
+   (`stagelm.replay`), so that what the problems never exercise (tool calls, later turns) is kept.
 
 The first pass also checks that the training forward reproduces the sampler's log-probabilities
 (`grpo/logprob_max_diff`, near 0): the ratio starts at 1 only if the updates are truly on-policy.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +42,7 @@ from torchmetrics import CatMetric, MeanMetric
 from stagelm.errors import ConfigError
 from stagelm.losses import GRPOLoss, group_advantages, grpo_loss, masked_mean
 from stagelm.model import Transformer
+from stagelm.replay import SFTReplay
 from stagelm.rewards import REWARD_FUNCTIONS, BatchRewards, correctness_reward, format_reward, score_batch
 from stagelm.rollout import Rollout, completion_logprobs, greedy_replies, sample_rollouts, select_rows
 from stagelm.stages.base import StageModule
@@ -63,6 +67,7 @@ class PassStats:
 
     def __init__(self) -> None:
         self.loss, self.tokens, self.max_diff, self.aux_loss = 0.0, 0, 0.0, 0.0
+        self.replay_loss: float | None = None  # the SFT replay's loss, when it is on
         self.sums: dict[str, float] = defaultdict(float)
 
     def add(
@@ -145,10 +150,12 @@ class GRPOModule(StageModule):
         pass_k: int = 8,
         pass_k_examples: int = 100,
         sample_rows: int = 8,
+        replay: Callable[..., SFTReplay] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+        self.replay = replay(tokenizer=self.tokenizer) if replay is not None else None
         self.reward_weights = {str(k): float(v) for k, v in (_plain(rewards) or {"correctness": 1.0}).items()}
         unknown = sorted(set(self.reward_weights) - set(REWARD_FUNCTIONS))
         if unknown:
@@ -282,6 +289,10 @@ class GRPOModule(StageModule):
                 # weighted by the chunk's share, the micro-batches' gradients add up to the whole batch's
                 self.manual_backward(result.loss * chunk.weight + out.aux_loss / len(chunks))
                 stats.add(chunk, result, logp.detach(), entropy.detach(), out.aux_loss.detach(), len(chunks))
+            if self.replay is not None and self.replay.enabled:
+                replay_loss = self.replay.loss(self.forward_model, self.global_step, len(passes))
+                self.manual_backward(self.replay.coef * replay_loss)
+                stats.replay_loss = float(replay_loss.detach())
             self.step_optimizer(optimizer, self.max_grad_norm)
             schedule.step()
             passes.append(stats)
@@ -328,6 +339,8 @@ class GRPOModule(StageModule):
         metrics.update({f"grpo/reward_{name}": v for name, v in scored.means().items() if name != "total"})
         if self.ref_model is not None:
             metrics["grpo/kl"] = passes[0].mean("kl")  # of the policy that sampled this batch
+        if passes[-1].replay_loss is not None:
+            metrics["grpo/replay_loss"] = sum(p.replay_loss for p in passes) / len(passes)
         self.log_dict(metrics, batch_size=len(rewards))
         self.log("grpo/reward_mean", rewards.mean(), prog_bar=True, batch_size=len(rewards))
         self.log_throughput(int(rollout.completion_mask.sum()))

@@ -13,6 +13,10 @@ One training step is one PPO iteration:
 4. `ppo_epochs` passes of shuffled mini-batch updates with the clipped policy loss and the clipped value loss;
 5. the KL coefficient follows the adaptive controller (Ziegler et al. 2019) or stays fixed.
 
+With `replay.coef > 0` every mini-batch update also adds that times the policy's cross-entropy on a batch of
+SFT-style conversations (`stagelm.replay`: InstructGPT's PPO-ptx), which keeps the tool calls and later turns the
+prompts never exercise.
+
 The trainer counts one step per iteration (`trainer.max_steps`, `val_check_interval` and the LR schedule are in
 iterations), however many mini-batch updates it holds.
 
@@ -32,6 +36,7 @@ policy is saved under `model.` (every tool loads it), the value model under `val
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -59,6 +64,7 @@ from stagelm.losses import (
 )
 from stagelm.model import Transformer
 from stagelm.model.heads import ScalarHead
+from stagelm.replay import SFTReplay
 from stagelm.reward_model import RewardModel
 from stagelm.rollout import Rollout, completion_logprobs, generate_rollout, sample_rollouts, select_rows
 from stagelm.stages.base import StageModule, parameter_groups, warmup_cosine
@@ -123,6 +129,7 @@ class PPOModule(StageModule):
         eval_max_new_tokens: int = 64,
         eval_sampled: bool = True,
         sample_rows: int = 8,
+        replay: Callable[..., SFTReplay] | None = None,
         **kwargs: Any,
     ) -> None:
         if not reward_model:
@@ -135,6 +142,7 @@ class PPOModule(StageModule):
             raise ConfigError(f"stage.missing_eos_mode: expected 'subtract' or 'replace', found {missing_eos_mode!r}")
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+        self.replay = replay(tokenizer=self.tokenizer) if replay is not None else None
         self.reward_model_path, self.value_init = reward_model, value_init
         self.samples_per_prompt, self.max_new_tokens, self.temperature, self.top_p = (
             samples_per_prompt,
@@ -349,6 +357,11 @@ class PPOModule(StageModule):
                     values, values_old[rows, :n], returns[rows, :n], sub.completion_mask, self.value_clip_eps
                 )
                 loss = policy.loss + self.vf_coef * value.loss + out.aux_loss + value_aux
+                if self.replay is not None and self.replay.enabled:
+                    update = epoch * len(starts) + starts.index(start)
+                    replay_loss = self.replay.loss(self.forward_model, self.global_step, update)
+                    loss = loss + self.replay.coef * replay_loss
+                    history.setdefault("ppo/replay_loss", []).append(replay_loss.detach().float())
                 self.manual_backward(loss)
                 self._optimizer_step(count=epoch == self.ppo_epochs - 1 and start == starts[-1])
                 for name, v in (

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from stagelm.chat_metrics import chat_behaviour_metrics
 from stagelm.data.instruct import IGNORE_INDEX
 from stagelm.evaluation import answer_conversations, by_family, format_ok
+from stagelm.losses import assistant_nll
 from stagelm.stages.base import StageModule
 
 
@@ -35,9 +35,7 @@ class SFTModule(StageModule):
         self.val_loss = MeanMetric()
 
     def assistant_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        return assistant_nll(logits, labels, IGNORE_INDEX)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.forward_model(batch["input_ids"])
