@@ -131,25 +131,3 @@ def test_builtin_batches(tokenizer: CharTokenizer) -> None:
         pair.ref_chosen, pair.ref_rejected = -1.0, -2.0
     batch = next(iter(dm.val_dataloader()))
     assert torch.equal(batch["ref_chosen_logps"], torch.full((4,), -1.0))
-
-
-def test_builtin_conversation_pairs_mask_the_tool_results(tokenizer: CharTokenizer) -> None:
-    """With `builtin_conversations`, that share of the training pairs comes from SFT-style conversations; their
-    reply masks cover the assistant's tool calls and final answer, never the tool's result (which the model does not
-    write). The held-out pairs stay single-turn."""
-    dm = PreferenceDataModule(builtin_train=60, builtin_val=10, max_length=320, builtin_conversations=0.5)
-    dm.set_tokenizer(tokenizer)
-    dm.setup()
-    conversational = [p for p in dm.train_pairs if len(p.prompt) > 1 or p.tools or p.rule == "tool_result"]
-    assert len(dm.train_pairs) == 60 and len(conversational) >= 10
-    assert all(len(p.prompt) == 1 and p.tools is None for p in dm.val_pairs)
-    with_tool = next(i for i, p in enumerate(dm.train_pairs) if p.rule == "tool_result")
-    pair, encoded = dm.train_pairs[with_tool], dm.train_data[with_tool]
-    for reply, enc in ((pair.chosen, encoded.chosen), (pair.rejected, encoded.rejected)):
-        masked = tokenizer.decode([t for t, m in zip(enc.input_ids, enc.reply_mask) if m])
-        result = next(m["content"] for m in reply if m["role"] == "tool")
-        arguments = reply[0]["tool_calls"][0]["function"]["arguments"]
-        assert arguments in masked and masked.endswith(reply[-1]["content"] + END_OF_TURN)
-        assert result not in masked.replace(reply[-1]["content"], "")
-    with pytest.raises(ValueError, match="builtin_conversations"):
-        PreferenceDataModule(builtin_conversations=1.5)

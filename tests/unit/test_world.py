@@ -6,7 +6,6 @@ import json
 import random
 import re
 import time
-from collections import Counter
 
 import pytest
 
@@ -34,7 +33,6 @@ def train() -> dict[str, list[dict]]:
     return {
         "instructions": world.instruction_examples("train", 4000),
         "preferences": world.preference_examples("train", 2500),
-        "conversation_preferences": world.conversation_preference_examples("train", 1500),
         "math": world.math_problems("train", 2500),
     }
 
@@ -44,7 +42,6 @@ def val() -> dict[str, list[dict]]:
     return {
         "instructions": world.instruction_examples("val", 600),
         "preferences": world.preference_examples("val", 600),
-        "conversation_preferences": world.conversation_preference_examples("val", 300),
         "math": world.math_problems("val", 600),
     }
 
@@ -56,11 +53,8 @@ def texts_of(data: dict[str, list[dict]]) -> list[str]:
         for m in r["messages"]:
             out.append(m["content"])
             out += [c["function"]["arguments"] for c in m.get("tool_calls", [])]
-    for r in data["preferences"] + data["conversation_preferences"]:
+    for r in data["preferences"]:
         out += [m["content"] for key in ("prompt", "chosen", "rejected") for m in r[key]]
-        out += [
-            c["function"]["arguments"] for key in ("prompt", "chosen") for m in r[key] for c in m.get("tool_calls", [])
-        ]
     for r in data["math"]:
         out += [r["prompt"], r["solution"]]
     return out
@@ -269,30 +263,6 @@ def test_judge_ranks_chosen_above_rejected(train: dict, val: dict) -> None:
         rule_part = {"correct": "correct", "concise": "concise", "well_formed": "well_formed"}[record["rule"]]
         assert bad[rule_part] < 1.0, (record, bad)
     assert {r["rule"] for r in train["preferences"]} == set(world.PREFERENCE_RULES)
-
-
-def test_conversation_pairs_differ_only_in_the_final_answer(train: dict, val: dict) -> None:
-    """A conversation pair is an SFT conversation cut before its last assistant turn: chosen is that turn (tool calls
-    and results included), rejected the same turn whose final answer is off by a little, the rest untouched."""
-    pairs = train["conversation_preferences"]
-    assert len(pairs) == 1500 and len(val["conversation_preferences"]) == 300
-    for record in pairs + val["conversation_preferences"]:
-        prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
-        assert prompt[-1]["role"] == "user" and chosen[-1]["role"] == rejected[-1]["role"] == "assistant"
-        assert chosen[:-1] == rejected[:-1] and all(m["role"] != "user" for m in chosen)
-        good, bad = chosen[-1]["content"], rejected[-1]["content"]
-        assert record["answer"] in good and good != bad, record
-        if record["answer"].isdigit():  # one number changed by 1, 2 or 10
-            a, b = re.findall(r"\d+", good), re.findall(r"\d+", bad)
-            changed = [(x, y) for x, y in zip(a, b) if x != y]
-            assert len(a) == len(b) and len(changed) == 1 and abs(int(changed[0][0]) - int(changed[0][1])) in (1, 2, 10)
-        assert (record["rule"] == "tool_result") == (len(chosen) > 1)
-    rules = Counter(r["rule"] for r in pairs)
-    turns = Counter(sum(m["role"] == "user" for m in r["prompt"]) for r in pairs)
-    # the contexts single-turn pairs never show: tool results, later turns, system prompts
-    assert rules["tool_result"] > 0.15 * len(pairs) and turns[1] < 0.8 * len(pairs)
-    assert sum(r["prompt"][0]["role"] == "system" for r in pairs) > 0.05 * len(pairs)
-    assert sum(r["tools"] is not None for r in pairs) > 0.4 * len(pairs)
 
 
 def test_judge_examples() -> None:

@@ -130,16 +130,10 @@ def read_pairs(path: str) -> list[PreferencePair]:
     return pairs
 
 
-def builtin_pairs(split: str, n: int, seed: int, conversations: float = 0.0) -> list[PreferencePair]:
-    """The small world's pairs: single-turn questions, and a `conversations` share of pairs inside SFT-style
-    conversations (`world.conversation_preference_examples`)."""
+def builtin_pairs(split: str, n: int, seed: int) -> list[PreferencePair]:
     from stagelm.data import world
 
-    n_conversations = round(n * conversations)
-    records = world.preference_examples(split, n - n_conversations, seed=seed)
-    if n_conversations:
-        records += world.conversation_preference_examples(split, n_conversations, seed=seed)
-    return [to_pair(r, f"builtin {split} #{i}") for i, r in enumerate(records)]
+    return [to_pair(r, f"builtin {split} #{i}") for i, r in enumerate(world.preference_examples(split, n, seed=seed))]
 
 
 @dataclass
@@ -219,12 +213,8 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         eval_examples: int = 200,
         num_workers: int = 0,
-        builtin_conversations: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= builtin_conversations <= 1.0:
-            raise ValueError(f"builtin_conversations must be in [0, 1], got {builtin_conversations}")
-        self.builtin_conversations = builtin_conversations
         self.path, self.val_path = path, val_path
         self.max_length, self.batch_size, self.max_steps, self.seed = max_length, batch_size, max_steps, seed
         self.builtin_train, self.builtin_val, self.val_fraction = builtin_train, builtin_val, val_fraction
@@ -251,9 +241,7 @@ class PreferenceDataModule(L.LightningDataModule):
             rng.shuffle(train)
             n_val = max(1, int(len(train) * self.val_fraction))
             return train[n_val:], train[:n_val]
-        # the held-out pairs stay single-turn: the win rate and the reward model's accuracy are judged on them
-        train = builtin_pairs("train", self.builtin_train, self.seed, self.builtin_conversations)
-        return train, builtin_pairs("val", self.builtin_val, self.seed)
+        return builtin_pairs("train", self.builtin_train, self.seed), builtin_pairs("val", self.builtin_val, self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_pairs:
