@@ -163,10 +163,11 @@ def test_dpo_stage_runs_logs_and_reloads(tiny_sft: Path, tmp_path: Path, loss_ty
 
 def test_dpo_resumes_without_the_reference_in_the_checkpoint(tiny_sft: Path, tmp_path: Path) -> None:
     args = ["stage=dpo", f"init_from={tiny_sft}", *TINY_PREFERENCE, "stage.eval_max_new_tokens=4"]
+    args += ["stage.replay.coef=0.5", "stage.replay.builtin_examples=40"]  # with SFT replay on
     train(compose_train(tmp_path / "a", *args, "trainer.max_steps=3"))
     last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
     metrics = train(compose_train(tmp_path / "b", *args, f"ckpt_path={last}"))
-    assert "val/accuracy" in metrics
+    assert "val/accuracy" in metrics and 0 < metrics["train/replay_loss"] < 20
     assert read_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
 
 

@@ -8,7 +8,9 @@ h = (pi_c - ref_c) - (pi_r - ref_r) and the loss is
 - `hinge` (SLiC, Zhao et al. 2023): relu(1 - beta h);
 
 plus, with `nll_coef`, the chosen reply's per-token negative log-likelihood (RPO, Pang et al. 2024), which keeps
-the chosen replies likely while the margin grows. Reference log-probs are computed on the fly (default) or once for
+the chosen replies likely while the margin grows; with `replay.coef`, that times the cross-entropy on a batch of
+SFT-style conversations (`stagelm.replay`), which keeps what the single-turn pairs never show (tool calls, later
+turns). Reference log-probs are computed on the fly (default) or once for
 every pair before training (`precompute_ref: true`: one forward pass per pair instead of one per step).
 
 Logs `train/loss`, `train/rewards_chosen`, `train/rewards_rejected` (implicit rewards beta * (pi - ref)),
@@ -22,6 +24,7 @@ table of sample replies. The reference is rebuilt from `init_from`, never saved 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,6 +37,7 @@ from stagelm.data.preference import PreferencePair
 from stagelm.errors import ConfigError
 from stagelm.evaluation import format_ok, generate_replies, win_score
 from stagelm.losses import dpo_loss, sequence_logprobs, sum_by_sequence
+from stagelm.replay import SFTReplay
 from stagelm.stages.base import StageModule
 
 log = logging.getLogger("stagelm")
@@ -54,9 +58,11 @@ class DPOModule(StageModule):
         eval_max_new_tokens: int = 64,
         eval_batch_size: int = 100,
         sample_rows: int = 8,
+        replay: Callable[..., SFTReplay] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.replay = replay(tokenizer=self.tokenizer) if replay is not None else None
         if not self.init_from:
             raise ConfigError(
                 "stage=dpo needs init_from=PATH: the SFT checkpoint is both the policy's start and the frozen reference"
@@ -126,6 +132,10 @@ class DPOModule(StageModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out, loss = self.pair_loss(batch, self.forward_model)
+        if self.replay is not None and self.replay.enabled:
+            replay_loss = self.replay.loss(self.forward_model, self.global_step)
+            loss = loss + self.replay.coef * replay_loss
+            self.log("train/replay_loss", replay_loss)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/rewards_chosen", out.chosen_rewards.mean())
         self.log("train/rewards_rejected", out.rejected_rewards.mean())
