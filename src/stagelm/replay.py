@@ -24,7 +24,7 @@ from stagelm.data.instruct import (
     encode_conversations,
     read_conversations,
 )
-from stagelm.errors import DataError
+from stagelm.errors import ConfigError, DataError
 from stagelm.losses import assistant_nll
 from stagelm.model import Transformer
 from stagelm.tokenizer import Tokenizer
@@ -41,8 +41,10 @@ class SFTReplay:
         max_length: int = 320,
         seed: int = 0,
     ) -> None:
-        if coef < 0 or batch_size < 1:
-            raise ValueError(f"replay: coef must be >= 0 and batch_size >= 1, got {coef} and {batch_size}")
+        if coef < 0:
+            raise ConfigError(f"stage.replay.coef must be >= 0, found {coef}")
+        if batch_size < 1:
+            raise ConfigError(f"stage.replay.batch_size must be >= 1, found {batch_size}")
         self.coef, self.batch_size, self.seed = coef, batch_size, seed
         self.examples: list[tuple[list[int], list[bool]]] = []
         self.truncated = 0

@@ -3,9 +3,11 @@ loss that is SFT's cross-entropy on them."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stagelm.data.instruct import IGNORE_INDEX
+from stagelm.errors import ConfigError
 from stagelm.model import Transformer
 from stagelm.replay import SFTReplay
 from stagelm.tokenizer import CharTokenizer
@@ -30,3 +32,5 @@ def test_replay_batches_are_fixed_by_step_and_mask_all_but_the_assistant() -> No
     assert torch.allclose(replay.loss(model, step=5, index=1), by_hand, atol=1e-5)
     off = SFTReplay(tokenizer, coef=0.0)
     assert not off.enabled and off.examples == []  # off: nothing built
+    with pytest.raises(ConfigError, match=r"stage\.replay\.coef must be >= 0, found -1"):
+        SFTReplay(tokenizer, coef=-1)
