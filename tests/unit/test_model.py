@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from stagelm.model import ModelConfig, Transformer
-from stagelm.model.layers import Attention, RMSNorm, apply_rope, rope_frequencies
+from stagelm.model.layers import Attention, RMSNorm, apply_rope, attend, rope_frequencies
 from stagelm.model.moe import MoE
 
 
@@ -137,6 +137,29 @@ def test_gqa_query_head_h_reads_kv_head_h_over_group_size():
 
         close(out, explicit(lambda h: h // 2))
         assert not torch.allclose(out, explicit(lambda h: h % 2), atol=1e-4)  # the test can tell the mappings apart
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_training_attention_runs_in_fp32_and_matches_fp32_attention(masked):
+    # under bf16 autocast with gradients, attend() computes in fp32 (CPU's bf16 flash backward is slow) and hands
+    # bf16 on: its output and gradients are fp32 attention's, rounded once to bf16
+    torch.manual_seed(0)
+    q32, k32, v32 = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril() if masked else None
+    if masked:
+        mask[1, :, :, 0] = False  # a padded first key in row 1
+        mask[1, :, 0, 0] = True  # its own query still sees itself
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q32, k32, v32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attend(q, k, v, mask)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    ref = [t.bfloat16().float().requires_grad_() for t in (q32, k32, v32)]
+    expected = attend(*ref, mask)
+    expected.sum().backward()
+    close(y.float(), expected.detach(), atol=1e-2, rtol=1e-2)
+    for got, want in zip((q, k, v), ref):
+        close(got.grad.float(), want.grad, atol=2e-2, rtol=2e-2)
 
 
 # ------------------------------------------------------------------------------------------------ MoE dispatch
