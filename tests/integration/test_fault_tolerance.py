@@ -1,6 +1,7 @@
 """Fault tolerance through the real CLI and configs with the tiny model: a run killed with SIGKILL after a checkpoint
 and resumed with `ckpt_path=auto` ends in the same state as an uninterrupted run (weights, optimizer, schedule,
-tokens seen, RNG, KL coefficient, and the examples each step trained on); SIGTERM saves `last.ckpt` and exits
+tokens seen, RNG, KL coefficient, and the examples each step trained on) and reports the same metrics before and
+after, as does resuming a run killed after its final save; SIGTERM saves `last.ckpt` and exits
 within seconds; a kill during a save keeps the previous checkpoint; non-finite steps are skipped, and too many in a
 row stop the run with a clear error."""
 
@@ -184,8 +185,16 @@ def in_run_folder(value: Any, run: Path) -> Any:
     return value
 
 
+def report_inputs(run: Path) -> dict[str, Any]:
+    """What the pipeline report reads from a stage's metrics.json: the metrics before and after (validation ones;
+    train/ ones include timings) and their per-item values."""
+    summary = json.loads((run / "metrics.json").read_text())
+    after = {k: v for k, v in summary["after"].items() if k.startswith("val/")}
+    return {k: summary[k] for k in ("before", "before_items", "after_items")} | {"after": after}
+
+
 def kill_and_resume(stage: str, chain: dict[str, Path], tmp_path: Path, steps: int, *extra: str) -> None:
-    args = [*stage_args(stage, chain, steps), *extra]
+    args = [*stage_args(stage, chain, steps), "validate_before=true", *extra]
     metrics = train(compose_train(tmp_path / "a", *args, *recorder(tmp_path / "a.jsonl")))
     facts = STAGES[stage]  # what the report and sweeps read must be what the stage logs
     assert {m for m, _ in facts.headlines} | {facts.monitor[0]} <= set(metrics), sorted(metrics)
@@ -213,6 +222,13 @@ def kill_and_resume(stage: str, chain: dict[str, Path], tmp_path: Path, steps: i
     after = records(tmp_path / "c.jsonl")
     assert after[0]["step"] == saved_at
     assert before + after == records(tmp_path / "a.jsonl")
+    # the report of the resumed run: the same starting point and the same final metrics, per item
+    expected = report_inputs(tmp_path / "a" / "run")
+    assert expected["before"] and expected["after"]
+    assert report_inputs(tmp_path / "b" / "run") == expected
+    # killed after its final save (the pipeline had not marked it done): resuming measures the end again
+    train(compose_train(tmp_path / "b", *args, "ckpt_path=auto"))
+    assert report_inputs(tmp_path / "b" / "run") == expected
 
 
 # automatic optimization (pretrain, sft) and manual optimization with a value model and the adaptive KL

@@ -75,6 +75,33 @@ def resume_path(cfg: DictConfig) -> str | None:
     return None
 
 
+BEFORE_FILE = "validation_before.json"
+
+
+def validation_before(
+    trainer: L.Trainer, module: L.LightningModule, datamodule: Any, path: Path, resumed: bool
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The starting point's metrics and per-item values, for before/after reports: measured once, before training,
+    and kept in the run folder, so that a resumed run reports the same starting point."""
+    if resumed:
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            return saved["metrics"], saved["items"]
+        log.warning("resuming without %s: the report will have no 'before' for this stage", path)
+        return {}, {}
+    metrics = _scalars(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    items, module.val_items = module.val_items, {}
+    for metric in module.modules():  # states written under inference mode cannot be updated in training
+        if isinstance(metric, Metric):
+            metric.reset()
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"metrics": metrics, "items": items}))
+        os.replace(partial, path)
+    return metrics, items
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one stage as configured; return the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -97,6 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if hasattr(datamodule, "set_tokenizer"):
         datamodule.set_tokenizer(tokenizer)
     ckpt_path = resume_path(cfg)
+    resumed_step = None
     if ckpt_path:
         resumed = read_checkpoint(ckpt_path)
         found = ModelConfig.from_dict(resumed["stagelm"]["model_config"])
@@ -107,7 +135,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 if found.to_dict()[k] != v
             ]
             raise CheckpointError(f"ckpt_path={ckpt_path} does not fit the model: " + "; ".join(diffs))
-        log.info("resuming from %s (step %d)", ckpt_path, resumed.get("global_step", 0))
+        resumed_step = resumed.get("global_step", 0)
+        log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
 
     # partial first: passing objects through instantiate would turn them into OmegaConf nodes
     stage_factory = instantiate(cfg.stage, _partial_=True)
@@ -130,15 +159,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         n_params / 1e6,
         model_config.num_params(active_only=True) / 1e6,
     )
+    out = Path(cfg.paths.output_dir)
     before: dict[str, float] = {}
     before_items: dict[str, list[float]] = {}
-    if cfg.get("validate_before") and not ckpt_path:
-        # the headline metrics of the starting point, for before/after reports
-        before = _scalars(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
-        before_items, module.val_items = module.val_items, {}
-        for metric in module.modules():  # states written under inference mode cannot be updated in training
-            if isinstance(metric, Metric):
-                metric.reset()
+    if cfg.get("validate_before"):
+        before, before_items = validation_before(
+            trainer, module, datamodule, out / BEFORE_FILE, resumed=bool(ckpt_path)
+        )
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -148,8 +175,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise
         raise Preempted(signal.SIGTERM, trainer.global_step, last_cb.path) from None
     metrics = _scalars(trainer.callback_metrics)
+    if trainer.global_step == resumed_step and not any(k.startswith("val/") for k in metrics):
+        # resumed from a last.ckpt already at max_steps (killed after its final save): fit ran nothing, so the
+        # final metrics are measured again on the restored weights rather than reported empty
+        metrics |= _scalars(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
     if trainer.is_global_zero:
-        out = Path(cfg.paths.output_dir)
         best = next((c.best_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
         last = next((str(c.path) for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
         log.info("checkpoints: last %s, best %s", last, best)
