@@ -147,10 +147,15 @@ def write_manifest(checkpoint_dir: str | os.PathLike, stage: str, config_digest:
     files = {p.name: file_sha256(p) for p in sorted(directory.glob("*.ckpt"))}
     manifest = {"stage": stage, "config_hash": config_digest, "sha256": files}
     path = directory / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, manifest, indent=2)
     return path
+
+
+def atomic_write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+    """Write JSON beside `path`, then rename: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent))
+    os.replace(tmp, path)
 
 
 def verify_against_manifest(path: str | os.PathLike, role: str) -> str:

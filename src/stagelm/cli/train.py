@@ -25,7 +25,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
-from stagelm.checkpoint import config_hash, load_checkpoint, read_checkpoint, verify_against_manifest, write_manifest
+from stagelm.checkpoint import (
+    atomic_write_json,
+    config_hash,
+    load_checkpoint,
+    read_checkpoint,
+    verify_against_manifest,
+    write_manifest,
+)
 from stagelm.config import register_resolvers
 from stagelm.errors import CheckpointError, ConfigError, StagelmError
 from stagelm.model import ModelConfig
@@ -96,9 +103,7 @@ def validation_before(
             metric.reset()
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps({"metrics": metrics, "items": items}))
-        os.replace(partial, path)
+        atomic_write_json(path, {"metrics": metrics, "items": items})
     return metrics, items
 
 
