@@ -151,7 +151,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(module.run_config)
-    cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, model_config.d_model)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
