@@ -29,6 +29,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from stagelm.checkpoint import atomic_write_json
 from stagelm.intervals import Interval, difference_interval, mean_interval, verdict
 from stagelm.stages.facts import STAGES
 
@@ -403,7 +404,7 @@ def write_report(
     report["scorecard"] = scorecard(card_items) if card_items else None
     report["samples"] = answer_prompts(out_dir, stages, prompts)
     report["plots"] = plot_curves(out_dir, stages)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out_dir / "report.json", report, indent=2)
     path = out_dir / "report.md"
     path.write_text(render_markdown(report))
     if logger == "wandb":

@@ -45,7 +45,7 @@ def test_each_stage_starts_from_the_one_before(tmp_path: Path) -> None:
     no_ppo = {s.name: s for s in plan(pipeline_config("stages=[pretrain,sft,grpo]"), tmp_path, "small")}
     assert no_ppo["grpo"].init_from == ckpt("sft")
     # the demo's budgets reach the stages as overrides
-    assert "trainer.max_steps=4800" in stages["pretrain"].overrides
+    assert "trainer.max_steps=4000" in stages["pretrain"].overrides
     assert "model=small" in stages["sft"].overrides
 
 

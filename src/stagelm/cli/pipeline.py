@@ -32,6 +32,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from stagelm import __version__
+from stagelm.checkpoint import atomic_write_json
 from stagelm.config import register_resolvers
 from stagelm.stages.facts import STAGES
 
@@ -248,13 +249,13 @@ def run_stage(stage: StagePlan, out_dir: Path, logger: str, group: str) -> None:
     if (stage_dir / "checkpoints" / "last.ckpt").exists():
         log.info("resuming %s from its last.ckpt", stage.name)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"key": stage.key, "status": "running", "overrides": stage.overrides}, indent=2))
+    atomic_write_json(marker, {"key": stage.key, "status": "running", "overrides": stage.overrides}, indent=2)
     returncode = launch_train(
         [f"hydra.run.dir={_override_value(str(stage_dir))}", *train_command_overrides(stage, logger, group)]
     )
     if returncode != 0:
         raise SystemExit(f"error: stage {stage.name} failed (exit {returncode}); re-run to resume it")
-    marker.write_text(json.dumps({"key": stage.key, "status": "done", "overrides": stage.overrides}, indent=2))
+    atomic_write_json(marker, {"key": stage.key, "status": "done", "overrides": stage.overrides}, indent=2)
 
 
 def is_done(stage: StagePlan, out_dir: Path) -> bool:

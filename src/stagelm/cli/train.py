@@ -204,7 +204,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "last_checkpoint": last,
         }
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out / "metrics.json", summary, indent=2)
         if last:
             write_manifest(Path(last).parent, module.stage_name, config_hash(module.run_config))
         if cfg.get("print_samples") and hasattr(module, "sample_completions"):
