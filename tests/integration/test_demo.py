@@ -1,9 +1,7 @@
-"""The default pipeline, what `make demo` runs (slow: about 15 minutes on 2 cores), holds the demo's thresholds for
+"""The default pipeline, what `make demo` runs (slow: about 13 minutes on 2 cores), holds the demo's thresholds for
 seed 0: SFT's exact match and format, the reward model's accuracy, PPO's and DPO's true-preference win rates over SFT
 (PPO with its reward-model score up), GRPO's gain, and a final model no worse than SFT beyond the uncertainty.
-
-Thresholds the demo does not reach on every run yet are marked xfail (not strict), with the figures measured on
-the development CPU (docs/results.md): the test reports them as xpassed when a run meets them."""
+Seeds 0, 1 and 2 as measured on the development CPU: docs/results.md."""
 
 from __future__ import annotations
 
@@ -50,7 +48,6 @@ def test_final_model_not_below_sft(demo_report: dict) -> None:
     assert not final["lower"], final["vs_sft"]
 
 
-@pytest.mark.xfail(reason="measured 0.56/0.575/0.51 over seeds 0/1/2 (docs/results.md)", strict=False)
 def test_sft_exact_match(demo_report: dict) -> None:
     assert headline(demo_report, "sft", "val/exact_match")["after"] >= 0.60
 
