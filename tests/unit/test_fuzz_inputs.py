@@ -164,6 +164,23 @@ def test_jsonl_readers_read_or_name_file_and_line(
             render(item.prompt + item.rejected, tools=item.tools)
 
 
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"instruction": None, "output": "5"}, "'instruction' must be a string"),  # found by the fuzz test above
+        ({"instruction": "Add", "output": 5}, "'output' must be a string"),
+        ({"instruction": "Add", "input": [2, 3], "output": "5"}, "'input' must be a string or null"),
+    ],
+)
+def test_instruction_records_with_a_wrong_field_name_file_line_and_field(
+    record: dict, field: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(json.dumps({"instruction": "Add", "input": None, "output": "5"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: {field}")):
+        read_conversations(str(path))
+
+
 @FUZZ
 @given(text=chat_text)
 def test_parse_assistant_never_raises(text: str) -> None:

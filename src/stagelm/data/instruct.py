@@ -74,9 +74,11 @@ def to_conversation(record: dict[str, Any], where: str) -> Conversation:
         messages = _as_messages(record["prompt"], "user", where, "prompt")
         messages = messages + _as_messages(record["completion"], "assistant", where, "completion")
     elif "instruction" in record and "output" in record:
-        for field in ("instruction", "input", "output"):
-            if not isinstance(record.get(field, ""), (str, type(None))):
+        for field in ("instruction", "output"):
+            if not isinstance(record[field], str):
                 raise DataError(f"{where}: '{field}' must be a string")
+        if not isinstance(record.get("input"), (str, type(None))):
+            raise DataError(f"{where}: 'input' must be a string or null")
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     else:
