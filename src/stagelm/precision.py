@@ -23,9 +23,14 @@ log = logging.getLogger("stagelm")
 CPU_BF16_MIN_D_MODEL = 128
 
 
+def runs_on_gpu(accelerator: str) -> bool:
+    """Whether the Trainer's `accelerator` ("cpu", "gpu", "cuda" or "auto") puts training on a CUDA GPU here."""
+    return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+
+
 def bf16_is_fast(accelerator: str) -> tuple[bool, str]:
     """Whether bf16 matmuls run natively on this accelerator ("cpu", "gpu", "cuda" or "auto"), and why."""
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+    if runs_on_gpu(accelerator):
         if torch.cuda.is_bf16_supported():
             return True, f"{torch.cuda.get_device_name()} supports bf16"
         return False, f"{torch.cuda.get_device_name()} has no native bf16"
@@ -41,8 +46,7 @@ def resolve_precision(precision: str | int, accelerator: str, d_model: int | Non
     if str(precision) != "auto":
         return precision
     fast, why = bf16_is_fast(accelerator)
-    on_gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-    if fast and not on_gpu and d_model is not None and d_model < CPU_BF16_MIN_D_MODEL:
+    if fast and not runs_on_gpu(accelerator) and d_model is not None and d_model < CPU_BF16_MIN_D_MODEL:
         fast, why = False, f"{why}, but at d_model {d_model} < {CPU_BF16_MIN_D_MODEL} fp32 trains faster on a CPU"
     chosen = "bf16-mixed" if fast else "32-true"
     log.info("trainer.precision=auto -> %s: %s", chosen, why)
