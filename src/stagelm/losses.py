@@ -161,6 +161,7 @@ def dpo_loss(
     beta: float,
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
+    positive_lambda: float = 0.0,
 ) -> DPOLoss:
     """Direct preference optimisation and its variants, on summed reply log-probs [B] of policy and reference.
 
@@ -173,9 +174,15 @@ def dpo_loss(
       infinity on deterministic preferences;
     - "hinge" (SLiC, Zhao et al. 2023): relu(1 - beta h).
 
+    With ``positive_lambda`` lambda (DPO-Positive, Pal et al. 2024), h becomes h - lambda max(0, ref_c - pi_c): a
+    pair whose chosen reply fell below the reference's likelihood counts as less won. On pairs a few tokens apart
+    (a right and an off-by-one answer) plain DPO can widen the margin by lowering both replies, the right one too.
+
     The implicit rewards beta * (pi - ref) are returned for logging (DPO's reward accuracy and margins).
     """
     h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)  # [B]
+    if positive_lambda:
+        h = h - positive_lambda * torch.relu(ref_chosen - pi_chosen)
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif label_smoothing:

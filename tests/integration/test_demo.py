@@ -48,6 +48,11 @@ def test_final_model_not_below_sft(demo_report: dict) -> None:
     assert not final["lower"], final["vs_sft"]
 
 
+def test_tuning_breaks_no_family(demo_report: dict) -> None:
+    # what SFT learned survives preference and RL tuning: no later stage below SFT beyond the uncertainty
+    assert demo_report["scorecard"]["lower_than_sft"] == [], demo_report["scorecard"]["lower_than_sft"]
+
+
 def test_sft_exact_match(demo_report: dict) -> None:
     assert headline(demo_report, "sft", "val/exact_match")["after"] >= 0.60
 

@@ -137,6 +137,21 @@ def test_dpo_ipo_and_hinge_by_hand():
         dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=0.5, loss_type="nope")  # type: ignore[arg-type]
 
 
+def test_dpo_positive_by_hand():
+    # DPOP: h - lambda relu(ref_c - pi_c). Pair 1's chosen fell 1 nat below the reference: h = -1 - (-3) = 2 -> 2 - 3
+    # with lambda 3; pair 2's chosen rose (relu 0): h = 1 - 0 = 1 unchanged
+    pi_c, pi_r = torch.tensor([-3.0, -1.0]), torch.tensor([-5.0, -2.0])
+    ref_c, ref_r = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
+    out = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5, positive_lambda=3.0)
+    close(out.losses, [math.log(1 + math.exp(0.5)), math.log(1 + math.exp(-0.5))])
+    close(out.margins, [1.0, 0.5])  # the implicit rewards' margin is DPO's own, for logging
+    close(dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5).losses, [math.log(1 + math.exp(-1)), math.log(1 + math.exp(-0.5))])
+    # the penalty's gradient lifts the fallen chosen reply: d/dpi_c = -beta sigmoid(-beta h) (1 + lambda)
+    pi_c.requires_grad_(True)
+    dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5, positive_lambda=3.0).losses.sum().backward()
+    close(pi_c.grad, [-0.5 * (1 / (1 + math.exp(-0.5))) * 4, -0.5 * (1 / (1 + math.exp(0.5)))])
+
+
 def test_dpo_gradient_only_through_policy():
     pi_c = torch.tensor([-1.0], requires_grad=True)
     pi_r = torch.tensor([-1.0], requires_grad=True)

@@ -7,8 +7,9 @@ h = (pi_c - ref_c) - (pi_r - ref_r) and the loss is
 - `ipo` (Azar et al. 2023): (h - 1/(2 beta))^2;
 - `hinge` (SLiC, Zhao et al. 2023): relu(1 - beta h);
 
-plus, with `nll_coef`, the chosen reply's per-token negative log-likelihood (RPO, Pang et al. 2024), which keeps
-the chosen replies likely while the margin grows; with `replay.coef`, that times the cross-entropy on a batch of
+with `positive_lambda` (DPO-Positive, Pal et al. 2024) h less lambda times how far the chosen reply fell below the
+reference, so that the margin cannot grow by lowering both replies; plus, with `nll_coef`, the chosen reply's
+per-token negative log-likelihood (RPO, Pang et al. 2024), which keeps the chosen replies likely while the margin grows; with `replay.coef`, that times the cross-entropy on a batch of
 SFT-style conversations (`stagelm.replay`), which keeps what the single-turn pairs never show (tool calls, later
 turns). Reference log-probs are computed on the fly (default) or once for
 every pair before training (`precompute_ref: true`: one forward pass per pair instead of one per step).
@@ -53,6 +54,7 @@ class DPOModule(StageModule):
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        positive_lambda: float = 0.0,
         nll_coef: float = 0.0,
         precompute_ref: bool = False,
         eval_max_new_tokens: int = 64,
@@ -71,6 +73,9 @@ class DPOModule(StageModule):
             raise ConfigError(f"stage.loss_type: expected 'sigmoid', 'ipo' or 'hinge', found {loss_type!r}")
         if beta <= 0:
             raise ConfigError(f"stage.beta must be > 0, found {beta}")
+        if positive_lambda < 0:
+            raise ConfigError(f"stage.positive_lambda must be >= 0, found {positive_lambda}")
+        self.positive_lambda = positive_lambda
         self.beta, self.loss_type, self.label_smoothing, self.nll_coef = beta, loss_type, label_smoothing, nll_coef
         self.precompute_ref = precompute_ref
         self.eval_max_new_tokens, self.eval_batch_size, self.sample_rows = (
@@ -122,7 +127,14 @@ class DPOModule(StageModule):
         pi_chosen, pi_rejected, aux_loss = self.reply_logps(model, batch)
         ref_chosen, ref_rejected = self.reference_logps(batch)
         out = dpo_loss(
-            pi_chosen, pi_rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
+            pi_chosen,
+            pi_rejected,
+            ref_chosen,
+            ref_rejected,
+            self.beta,
+            self.loss_type,
+            self.label_smoothing,
+            self.positive_lambda,
         )
         loss = out.loss + aux_loss
         if self.nll_coef:
