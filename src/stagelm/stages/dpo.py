@@ -9,10 +9,11 @@ h = (pi_c - ref_c) - (pi_r - ref_r) and the loss is
 
 with `positive_lambda` (DPO-Positive, Pal et al. 2024) h less lambda times how far the chosen reply fell below the
 reference, so that the margin cannot grow by lowering both replies; plus, with `nll_coef`, the chosen reply's
-per-token negative log-likelihood (RPO, Pang et al. 2024), which keeps the chosen replies likely while the margin grows; with `replay.coef`, that times the cross-entropy on a batch of
-SFT-style conversations (`stagelm.replay`), which keeps what the single-turn pairs never show (tool calls, later
-turns). Reference log-probs are computed on the fly (default) or once for
-every pair before training (`precompute_ref: true`: one forward pass per pair instead of one per step).
+per-token negative log-likelihood (RPO, Pang et al. 2024), which keeps the chosen replies likely while the margin
+grows; with `replay.coef`, that times the cross-entropy on a batch of SFT-style conversations (`stagelm.replay`),
+which keeps what the single-turn pairs never show (tool calls, later turns). Reference log-probs are computed on the
+fly (default) or once for every pair before training (`precompute_ref: true`: one forward pass per pair instead of
+one per step).
 
 Logs `train/loss`, `train/rewards_chosen`, `train/rewards_rejected` (implicit rewards beta * (pi - ref)),
 `train/margin`, `train/accuracy`; on held-out pairs `val/loss`, `val/accuracy` (the implicit reward ranks the pair
