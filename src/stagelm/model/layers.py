@@ -23,16 +23,29 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(head_dim: int, theta: float, positions: torch.Tensor) -> torch.Tensor:
-    """Unit complex rotations for each position and pair: [..., T] positions -> [..., T, head_dim / 2] complex64."""
+    """The rotation of each position and pair, as (cos, sin): [..., T] positions -> [..., T, head_dim / 2, 2]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
     angles = positions[..., None].float() * inv_freq
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (2i, 2i+1) of x [B, T, H, D] as complex numbers by freqs [B or 1, T, D/2]."""
+    """Rotate adjacent pairs (2i, 2i+1) of x [B, T, H, D] by the angles in freqs [B or 1, T, D/2, 2], each pair as
+    a complex number times cos + i sin."""
+    if torch.compiler.is_compiling():
+        return rotate_pairs(x, freqs)
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [B, T, H, D/2]
-    rotated = torch.view_as_real(pairs * freqs[:, :, None, :]).flatten(3)  # [B, T, H, D]
+    rotated = torch.view_as_real(pairs * torch.view_as_complex(freqs)[:, :, None, :]).flatten(3)  # [B, T, H, D]
+    return rotated.type_as(x)
+
+
+def rotate_pairs(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in real arithmetic, for compiled graphs: inductor generates no code for complex tensors (a
+    compiled decode step left each complex op to an eager kernel: 1.92x HF -> 2.19x with this), while in eager the
+    complex multiply is one kernel against this version's seven (2.2x slower forward and backward)."""
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # each [B, T, H, D/2]
+    cos, sin = freqs[:, :, None, :, 0], freqs[:, :, None, :, 1]  # each [B or 1, T, 1, D/2]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(3)  # [B, T, H, D]
     return rotated.type_as(x)
 
 

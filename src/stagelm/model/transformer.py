@@ -92,7 +92,7 @@ class Transformer(nn.Module):
                 positions = torch.arange(past, past + T, device=input_ids.device)[None]  # [1, T]
             else:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # [B, T]
-        freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, positions)  # [B|1, T, D/2]
+        freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, positions)  # [B|1, T, D/2, 2]
         mask = self._attention_mask(attention_mask, T, past, input_ids.device)
 
         x = self.embed_tokens(input_ids)  # [B, T, D]
