@@ -126,8 +126,10 @@ def test_reward_model_load_rejects_other_stages(tiny_sft: Path) -> None:
         RewardModel.load(tiny_sft)
 
 
-@pytest.mark.parametrize(("loss_type", "precompute"), [("sigmoid", False), ("ipo", True)])
-def test_dpo_stage_runs_logs_and_reloads(tiny_sft: Path, tmp_path: Path, loss_type: str, precompute: bool) -> None:
+@pytest.mark.parametrize(("loss_type", "precompute", "positive"), [("sigmoid", False, 10.0), ("ipo", True, 0.0)])
+def test_dpo_stage_runs_logs_and_reloads(
+    tiny_sft: Path, tmp_path: Path, loss_type: str, precompute: bool, positive: float
+) -> None:
     cfg = compose_train(
         tmp_path,
         "stage=dpo",
@@ -135,6 +137,7 @@ def test_dpo_stage_runs_logs_and_reloads(tiny_sft: Path, tmp_path: Path, loss_ty
         *TINY_PREFERENCE,
         f"stage.loss_type={loss_type}",
         f"stage.precompute_ref={precompute}",
+        f"stage.positive_lambda={positive}",
         "stage.eval_max_new_tokens=8",
     )
     metrics = train(cfg)
@@ -201,6 +204,8 @@ def test_preference_stages_read_user_jsonl(tiny_sft: Path, tmp_path: Path) -> No
 def test_dpo_rejects_bad_config(tiny_sft: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="stage.loss_type: expected 'sigmoid', 'ipo' or 'hinge', found 'kto'"):
         train(compose_train(tmp_path, "stage=dpo", f"init_from={tiny_sft}", "stage.loss_type=kto"))
+    with pytest.raises(ConfigError, match="stage.positive_lambda must be >= 0, found -1"):
+        train(compose_train(tmp_path, "stage=dpo", f"init_from={tiny_sft}", "stage.positive_lambda=-1"))
 
 
 # --------------------------------------------------------------------------------------------------------------
