@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--mixtral-eager", action="store_true", help="also time Mixtral's per-expert loop")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 2 steps")
+    p.add_argument("--bf16", action="store_true", help="forward passes under bf16 autocast (bf16-mixed training)")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.steps, args.warmup, args.matmul_n = 3, 2, 1, 512
@@ -79,6 +80,10 @@ def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
 
+# --bf16: every contestant's forward under CPU bf16 autocast, as `trainer.precision=bf16-mixed` runs it
+BF16 = False
+
+
 def train_step_fn(
     model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, optimizer: bool = True
 ) -> Callable[[], None]:
@@ -86,7 +91,8 @@ def train_step_fn(
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
 
     def step() -> None:
-        loss = loss_fn(ids)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=BF16):
+            loss = loss_fn(ids)
         loss.backward()
         if optimizer:
             opt.step()
@@ -101,7 +107,7 @@ def stagelm_contestant(name: str, config: ModelConfig, ids: torch.Tensor, optimi
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         out = model(x)
-        ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size), x[:, 1:].reshape(-1))
+        ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size).float(), x[:, 1:].reshape(-1))
         return ce + out.aux_loss
 
     active = config.num_params(active_only=True) - config.vocab_size * config.d_model  # the lookup is no matmul
@@ -277,7 +283,8 @@ def report(args: argparse.Namespace, checks: list[Check], cs: dict[str, Contesta
     print()
     print(
         f"batch {args.batch} x {args.seq}, width {args.d_model}, {args.layers} layers, {args.heads} heads, "
-        f"MLP {args.d_ff_dense}, experts {args.experts} x {args.d_ff} top-{args.top_k}, fp32, "
+        f"MLP {args.d_ff_dense}, experts {args.experts} x {args.d_ff} top-{args.top_k}, "
+        f"{'bf16 autocast' if BF16 else 'fp32'}, "
         f"{torch.get_num_threads()} threads, AdamW {opt_kind()}, {args.rounds} rounds x {args.steps} steps"
     )
     print(f"matmul peak ({args.matmul_n}^3 fp32, same run): {peak_flops / 1e9:.1f} GFLOP/s")
@@ -323,6 +330,8 @@ def main() -> None:
             print()
         return
     torch.set_num_threads(args.threads)
+    global BF16
+    BF16 = args.bf16
     checks, cs = build(args)
     load_before = load_average()
     run(args, cs)

@@ -52,6 +52,21 @@ def test_resume_continues_the_step_count(tmp_path: Path) -> None:
     assert torch.load(_ckpt(tmp_path / "b" / "run"), weights_only=False)["global_step"] == 16
 
 
+def test_compile_auto_resolves_before_the_stage_is_built(tmp_path: Path, caplog, monkeypatch) -> None:
+    # a short run is too short to repay a cold compile: eager, and the checkpoint records what was chosen
+    import logging
+
+    # an in-process Hydra run earlier in the suite configures logging with disable_existing_loggers
+    monkeypatch.setattr(logging.getLogger("stagelm"), "disabled", False)
+    cfg = compose_train(tmp_path, *FAST, "trainer.max_steps=4", "trainer.val_check_interval=4")
+    assert cfg.compile == "auto"
+    with caplog.at_level(logging.INFO, logger="stagelm"):
+        train(cfg)
+    assert "compile=auto -> false: 4,096 training tokens < 5,000,000" in caplog.text
+    saved = torch.load(_ckpt(tmp_path / "run"), weights_only=False)["stagelm"]["run_config"]
+    assert saved["compile"] is False and saved["stage"]["compile"] is False
+
+
 def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = (), in_process: bool = False):
     if in_process:
         from stagelm.cli.train import main

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import stagelm.model.moe as moe_module
 from stagelm.model import ModelConfig, Transformer
 from stagelm.model.layers import Attention, RMSNorm, apply_rope, attend, rope_frequencies, rotate_pairs
-from stagelm.model.moe import MoE
+from stagelm.model.moe import CPU_BF16_GROUP_ROWS, MoE, experts_swiglu, padded_bf16_experts_swiglu
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -222,6 +223,53 @@ def test_sparse_dispatch_equals_dense_reference(router, top_k, shared):
         close(dp[name].expand_as(ref_dp[name]), ref_dp[name], atol=1e-5)
     if router == "sigmoid" or top_k > 1:
         assert dp["router.weight"].abs().sum() > 0  # the routing weights are trained through the scores
+
+
+@pytest.mark.parametrize("counts", [[70, 0, 64, 1], [0, 0, 0, 135], [64, 128, 1, 2]])
+def test_padded_bf16_experts_equal_the_unpadded_bf16_experts(counts):
+    # the zero rows padding each expert's group to a multiple of CPU_BF16_GROUP_ROWS change neither the other rows'
+    # outputs nor any gradient (an empty group, a full one and one past a multiple included)
+    torch.manual_seed(0)
+    counts = torch.tensor(counts)
+    rows = int(counts.sum())
+    x = torch.randn(rows, 32, requires_grad=True)
+    gate_up = (0.3 * torch.randn(4, 32, 32)).requires_grad_()
+    down = (0.3 * torch.randn(4, 16, 32)).requires_grad_()
+    dy = torch.randn(rows, 32)
+    results = []
+    for padded in (True, False):
+        for t in (x, gate_up, down):
+            t.grad = None
+        if padded:
+            out = padded_bf16_experts_swiglu(x, gate_up, down, counts)
+        else:
+            bf16 = [t.to(torch.bfloat16) for t in (x, gate_up, down)]
+            out = experts_swiglu(*bf16, counts.cumsum(0).to(torch.int32)).float()
+        out.backward(dy)
+        results.append([out.detach(), x.grad, gate_up.grad, down.grad])
+    assert results[0][0].dtype == torch.float32 and CPU_BF16_GROUP_ROWS > 1
+    for padded, plain in zip(*results):
+        close(padded, plain, atol=1e-2, rtol=1e-2)  # bf16 matmuls, blocked differently for other row counts
+
+
+def test_moe_experts_under_cpu_bf16_autocast_match_fp32_experts(monkeypatch):
+    # the same routing both times (the router is a bf16 linear under autocast either way); only the experts differ
+    torch.manual_seed(0)
+    moe = MoE(tiny(n_experts=4, top_k=2, router="sigmoid", shared_expert=True))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    x = torch.randn(4, 50, 32)
+    results = []
+    for bf16_experts in (True, False):
+        monkeypatch.setattr(moe_module, "cpu_bf16_autocast", lambda _x, on=bf16_experts: on)
+        moe.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = moe(x)
+        out.float().square().sum().backward()
+        results.append([out.float().detach(), moe.gate_up_proj.grad, moe.down_proj.grad, moe.router.weight.grad])
+    for fast, reference in zip(*results):
+        # bf16 keeps 8 bits of mantissa: relative error ~2^-8 per operand
+        close(fast, reference, atol=0.02 * reference.abs().max().item(), rtol=0.02)
 
 
 def test_experts_that_receive_no_tokens_get_zero_gradients():

@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +33,7 @@ from stagelm.checkpoint import (
     verify_against_manifest,
     write_manifest,
 )
+from stagelm.compile_policy import resolve_compile
 from stagelm.config import register_resolvers
 from stagelm.errors import CheckpointError, ConfigError, StagelmError
 from stagelm.model import ModelConfig
@@ -143,6 +144,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resumed_step = resumed.get("global_step", 0)
         log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
 
+    stage_name = get_class(cfg.stage._target_).stage_name
+    tokens_per_step = cfg.data.get("batch_size", 1) * cfg.data.get("block_size", 1)  # fixed-shape data only
+    cfg.compile = resolve_compile(
+        cfg.compile, stage_name, cfg.trainer.max_steps, tokens_per_step, cfg.trainer.accelerator
+    )
     # partial first: passing objects through instantiate would turn them into OmegaConf nodes
     stage_factory = instantiate(cfg.stage, _partial_=True)
     module = stage_factory(model_config=model_config, tokenizer=tokenizer, init_from=cfg.get("init_from"))

@@ -18,10 +18,12 @@ class StageFacts:
     needs_reward_model: bool = False
     # also shown in the report when logged (a small validation set may hold none of the cases they count)
     also_reported: tuple[tuple[str, str], ...] = ()
+    # every training batch has one shape, so a compiled backbone compiles once (stagelm.compile_policy)
+    static_shapes: bool = False
 
 
 STAGES: dict[str, StageFacts] = {
-    "pretrain": StageFacts((), (("val/loss", "min"), ("val/bpc", "min")), ("val/loss", "min")),
+    "pretrain": StageFacts((), (("val/loss", "min"), ("val/bpc", "min")), ("val/loss", "min"), static_shapes=True),
     "sft": StageFacts(
         ("pretrain",),
         (("val/exact_match", "max"), ("val/format_ok", "max")),
