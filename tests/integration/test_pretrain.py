@@ -67,6 +67,21 @@ def test_compile_auto_resolves_before_the_stage_is_built(tmp_path: Path, caplog,
     assert saved["compile"] is False and saved["stage"]["compile"] is False
 
 
+def test_a_compiled_run_and_an_eager_one_share_checkpoint_keys(tmp_path: Path) -> None:
+    # compile=auto may compile a long run and not its shorter resumption: both must load the same checkpoint
+    from stagelm.stages.pretrain import PretrainModule
+    from stagelm.tokenizer import CharTokenizer
+    from tests.conftest import tiny_model_config
+
+    tokenizer = CharTokenizer.train(["abc"])
+    config = tiny_model_config(vocab_size=tokenizer.vocab_size)
+    kwargs = dict(model_config=config, tokenizer=tokenizer, optimizer=torch.optim.AdamW)
+    compiled, eager = PretrainModule(**kwargs, compile=True), PretrainModule(**kwargs, compile=False)
+    assert compiled.forward_model is not compiled.model  # the compiled wrapper, used by training_step
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    eager.load_state_dict(compiled.state_dict())
+
+
 def _cli(tmp_path: Path, *args: str, flags: tuple[str, ...] = (), in_process: bool = False):
     if in_process:
         from stagelm.cli.train import main

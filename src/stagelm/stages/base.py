@@ -112,8 +112,13 @@ class StageModule(L.LightningModule):
         if init_from:
             self.input_digests["init_from"] = verify_against_manifest(init_from, "init_from")
             self.load_backbone(init_from)
-        # compile the inner nn.Module only: Dynamo cannot trace Lightning's self.log
-        self.forward_model = torch.compile(self.model) if compile else self.model
+        # compile the inner nn.Module only: Dynamo cannot trace Lightning's self.log. The eager alias stays the
+        # registered submodule (every checkpoint holds its keys) and the compiled wrapper lives outside the module
+        # tree, so a checkpoint's keys never depend on `compile`: a run compiled by compile=auto at 100,000 steps
+        # resumes eager at fewer, and the other way round.
+        self.forward_model = self.model
+        if compile:
+            self.__dict__["forward_model"] = torch.compile(self.model)
         self._step_started: float | None = None
         self.tokens_seen = 0  # training tokens over all processes, kept across resumes (checkpoint metadata)
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, saved in checkpoints
